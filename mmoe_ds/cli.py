@@ -1,0 +1,41 @@
+"""The `mmoe-ds` console script: one entry point, one module per subcommand.
+
+Each subcommand lives in its own module exposing `main(argv) -> int`; it is imported only
+when chosen, so `mmoe-ds export` works without DeepSpeed and `mmoe-ds prepare` without torch's
+distributed stack.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "prepare": ("mmoe_ds.data.prepare", "write WebDataset shards (embedded dataset, image folder, HF dataset)"),
+    "route-demo": ("mmoe_ds.moe.demo", "expert-parallel routing demo with per-modality statistics"),
+    "train": ("mmoe_ds.train", "train from a recipe and a DeepSpeed config (use the deepspeed launcher)"),
+    "export": ("mmoe_ds.export", "gather a DeepSpeed checkpoint (any ep_size) into one HF folder"),
+    "caption": ("mmoe_ds.caption", "caption images with an exported model"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: mmoe-ds <command> [options]", "", "commands:"]
+    lines += [f"  {name:<12} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"mmoe-ds: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
