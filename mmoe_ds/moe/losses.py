@@ -1,0 +1,152 @@
+"""Auxiliary router losses, as pure functions of one routing call.
+
+All take fp32 router probabilities `probs` [S, E] and the per-token modality ids [S]. Losses
+that look at routing decisions use the choices *before* capacity drops (as DeepSpeed does), so
+they do not depend on batch order. Per-modality losses are returned per modality too, so their
+invariances (token permutation, adding tokens of another modality) can be checked directly.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .config import RouterConfig
+
+
+def _entropy(p: Tensor) -> Tensor:
+    """Shannon entropy (nats) over the last dim; 0·log 0 = 0."""
+    return -torch.special.xlogy(p, p).sum(-1)
+
+
+def _sum_by_modality(values: Tensor, modality_ids: Tensor, num_modalities: int) -> Tensor:
+    """[S, ...] -> [M, ...]: sums of rows grouped by modality."""
+    out = values.new_zeros((num_modalities,) + tuple(values.shape[1:]))
+    return out.index_add_(0, modality_ids, values)
+
+
+def _mean_over_present(per_modality: Tensor, counts: Tensor) -> Tensor:
+    present = counts > 0
+    return (per_modality * present).sum() / present.sum().clamp(min=1)
+
+
+def route_fractions(chosen: Tensor, route_weight: Tensor, num_experts: int) -> Tensor:
+    """[S, E] one-hot of the chosen experts, each route weighted (invalid routes have weight 0)."""
+    dense = chosen.new_zeros((chosen.shape[0], num_experts), dtype=route_weight.dtype)
+    return dense.scatter_add_(1, chosen.clamp(min=0), route_weight)
+
+
+def load_balance(probs: Tensor, chosen: Tensor, top_k: Tensor) -> Tensor:
+    """Switch/GShard balance loss over all tokens, equal to DeepSpeed's gate loss.
+
+    E · Σ_e mean_s(p_se) · f_e, with f_e the fraction of routes to e divided by k. DeepSpeed's
+    top-2 gate counts first choices only, so tokens with k = 2 do too (compatibility).
+    """
+    num_tokens, num_experts = probs.shape
+    k_slots = torch.arange(chosen.shape[1], device=chosen.device)
+    first_only = (top_k == 2)[:, None] & (k_slots[None] > 0)
+    weight = (k_slots[None] < top_k[:, None]) & ~first_only
+    per_route = torch.where(top_k[:, None] == 2, 1.0, 1.0 / top_k[:, None].float()) * weight
+    f = route_fractions(chosen, per_route, num_experts).sum(0) / num_tokens
+    return num_experts * (probs.mean(0) * f).sum()
+
+
+def modality_load_balance(probs: Tensor, chosen: Tensor, top_k: Tensor, modality_ids: Tensor,
+                          pool_sizes: Tensor) -> tuple[Tensor, Tensor]:
+    """Balance within each modality's own pool: |P_m| · Σ_e mean_{s∈m}(p_se) · f_me.
+
+    Returns (mean over modalities present, per-modality values [M]). A modality's value only
+    depends on that modality's tokens, so adding tokens of another modality leaves it unchanged.
+    """
+    num_modalities = pool_sizes.shape[0]
+    num_experts = probs.shape[1]
+    valid = torch.arange(chosen.shape[1], device=chosen.device)[None] < top_k[:, None]
+    f_token = route_fractions(chosen, valid / top_k[:, None].float(), num_experts)
+    counts = torch.bincount(modality_ids, minlength=num_modalities).float()
+    mean_p = _sum_by_modality(probs, modality_ids, num_modalities) / counts.clamp(min=1)[:, None]
+    mean_f = _sum_by_modality(f_token, modality_ids, num_modalities) / counts.clamp(min=1)[:, None]
+    per_modality = pool_sizes * (mean_p * mean_f).sum(-1)
+    return _mean_over_present(per_modality, counts), per_modality
+
+
+def z_loss(logits: Tensor) -> Tensor:
+    """ST-MoE router z-loss: mean_s logsumexp(logits_s)²; keeps logits small (masked -inf ignored)."""
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+def local_entropy(probs: Tensor, modality_ids: Tensor, num_modalities: int) -> tuple[Tensor, Tensor]:
+    """LIMoE local entropy: mean per-token routing entropy, per modality (low = confident)."""
+    counts = torch.bincount(modality_ids, minlength=num_modalities).float()
+    per_modality = _sum_by_modality(_entropy(probs), modality_ids, num_modalities) / counts.clamp(min=1)
+    return _mean_over_present(per_modality, counts), per_modality
+
+
+def global_entropy(probs: Tensor, modality_ids: Tensor, thresholds: Tensor) -> tuple[Tensor, Tensor]:
+    """LIMoE thresholded global entropy: relu(τ_m − H(mean_{s∈m} p_s)) per modality.
+
+    Penalises a modality that collapses onto few experts, but only below τ_m nats.
+    """
+    num_modalities = thresholds.shape[0]
+    counts = torch.bincount(modality_ids, minlength=num_modalities).float()
+    mean_p = _sum_by_modality(probs, modality_ids, num_modalities) / counts.clamp(min=1)[:, None]
+    per_modality = torch.relu(thresholds - _entropy(mean_p))
+    return _mean_over_present(per_modality, counts), per_modality
+
+
+def entropy_floor(probs: Tensor, floor: float) -> Tensor:
+    """Modality-agnostic: relu(floor − H(mean_s p_s)), the batch's expert usage kept spread out."""
+    return torch.relu(floor - _entropy(probs.mean(0)))
+
+
+def min_utilization(probs: Tensor, fraction: float) -> Tensor:
+    """Modality-agnostic: E · Σ_e relu(u/E − mean_s p_se); every expert keeps ≥ u of its fair share."""
+    num_experts = probs.shape[1]
+    return num_experts * torch.relu(fraction / num_experts - probs.mean(0)).sum()
+
+
+def matched_utilization(probs: Tensor, modality_ids: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """KL(target_m ‖ mean_{s∈m} p_s) per modality.
+
+    The router never sees the modality; only this loss does. It tests whether modality-specific
+    routing can be reached by a loss alone, with the agnostic router.
+    """
+    num_modalities = target.shape[0]
+    counts = torch.bincount(modality_ids, minlength=num_modalities).float()
+    mean_p = _sum_by_modality(probs, modality_ids, num_modalities) / counts.clamp(min=1)[:, None]
+    kl = (torch.special.xlogy(target, target) - target * torch.log(mean_p.clamp(min=1e-9))).sum(-1)
+    return _mean_over_present(kl, counts), kl
+
+
+def router_aux_losses(cfg: RouterConfig, logits: Tensor, probs: Tensor, chosen: Tensor, top_k: Tensor,
+                      modality_ids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """All enabled aux losses: (weighted total, {name: unweighted value}).
+
+    `chosen` [S, K] holds the experts picked before capacity drops; `top_k` [S] each token's k.
+    The global load balance is always computed (DeepSpeed reports it as l_aux); the others only
+    when their coefficient is non-zero.
+    """
+    M = cfg.num_modalities
+    terms: dict[str, tuple[float, Tensor]] = {"load_balance": (cfg.load_balance_coef, load_balance(probs, chosen, top_k))}
+    if cfg.modality_load_balance_coef:
+        pool_sizes = probs.new_tensor([len(p) for p in cfg.pool_members])
+        value, per = modality_load_balance(probs, chosen, top_k, modality_ids, pool_sizes)
+        terms["modality_load_balance"] = (cfg.modality_load_balance_coef, value)
+    if cfg.z_loss_coef:
+        terms["z_loss"] = (cfg.z_loss_coef, z_loss(logits))
+    if cfg.local_entropy_coef:
+        terms["local_entropy"] = (cfg.local_entropy_coef, local_entropy(probs, modality_ids, M)[0])
+    if cfg.global_entropy_coef:
+        tau = [cfg.global_entropy_threshold if cfg.global_entropy_threshold is not None else math.log(len(p))
+               for p in cfg.pool_members]
+        terms["global_entropy"] = (cfg.global_entropy_coef, global_entropy(probs, modality_ids, probs.new_tensor(tau))[0])
+    if cfg.entropy_floor_coef:
+        floor = cfg.entropy_floor if cfg.entropy_floor is not None else 0.9 * math.log(cfg.num_experts)
+        terms["entropy_floor"] = (cfg.entropy_floor_coef, entropy_floor(probs, floor))
+    if cfg.min_utilization_coef:
+        terms["min_utilization"] = (cfg.min_utilization_coef, min_utilization(probs, cfg.min_utilization))
+    if cfg.matched_utilization_coef:
+        target = probs.new_tensor([cfg.matched_utilization_target[m] for m in cfg.modalities])
+        terms["matched_utilization"] = (cfg.matched_utilization_coef, matched_utilization(probs, modality_ids, target)[0])
+    total = sum(coef * value for coef, value in terms.values())
+    return total, {name: value for name, (_, value) in terms.items()}
