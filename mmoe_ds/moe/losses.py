@@ -26,9 +26,11 @@ def _sum_by_modality(values: Tensor, modality_ids: Tensor, num_modalities: int) 
     return out.index_add_(0, modality_ids, values)
 
 
-def _mean_over_present(per_modality: Tensor, counts: Tensor) -> Tensor:
+def _mean_over_present(per_modality: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean over modalities with tokens, per-modality values with absent modalities at 0)."""
     present = counts > 0
-    return (per_modality * present).sum() / present.sum().clamp(min=1)
+    per_modality = per_modality * present
+    return per_modality.sum() / present.sum().clamp(min=1), per_modality
 
 
 def route_fractions(chosen: Tensor, route_weight: Tensor, num_experts: int) -> Tensor:
@@ -67,7 +69,7 @@ def modality_load_balance(probs: Tensor, chosen: Tensor, top_k: Tensor, modality
     mean_p = _sum_by_modality(probs, modality_ids, num_modalities) / counts.clamp(min=1)[:, None]
     mean_f = _sum_by_modality(f_token, modality_ids, num_modalities) / counts.clamp(min=1)[:, None]
     per_modality = pool_sizes * (mean_p * mean_f).sum(-1)
-    return _mean_over_present(per_modality, counts), per_modality
+    return _mean_over_present(per_modality, counts)
 
 
 def z_loss(logits: Tensor) -> Tensor:
@@ -79,7 +81,7 @@ def local_entropy(probs: Tensor, modality_ids: Tensor, num_modalities: int) -> t
     """LIMoE local entropy: mean per-token routing entropy, per modality (low = confident)."""
     counts = torch.bincount(modality_ids, minlength=num_modalities).float()
     per_modality = _sum_by_modality(_entropy(probs), modality_ids, num_modalities) / counts.clamp(min=1)
-    return _mean_over_present(per_modality, counts), per_modality
+    return _mean_over_present(per_modality, counts)
 
 
 def global_entropy(probs: Tensor, modality_ids: Tensor, thresholds: Tensor) -> tuple[Tensor, Tensor]:
@@ -91,7 +93,7 @@ def global_entropy(probs: Tensor, modality_ids: Tensor, thresholds: Tensor) -> t
     counts = torch.bincount(modality_ids, minlength=num_modalities).float()
     mean_p = _sum_by_modality(probs, modality_ids, num_modalities) / counts.clamp(min=1)[:, None]
     per_modality = torch.relu(thresholds - _entropy(mean_p))
-    return _mean_over_present(per_modality, counts), per_modality
+    return _mean_over_present(per_modality, counts)
 
 
 def entropy_floor(probs: Tensor, floor: float) -> Tensor:
@@ -115,7 +117,7 @@ def matched_utilization(probs: Tensor, modality_ids: Tensor, target: Tensor) -> 
     counts = torch.bincount(modality_ids, minlength=num_modalities).float()
     mean_p = _sum_by_modality(probs, modality_ids, num_modalities) / counts.clamp(min=1)[:, None]
     kl = (torch.special.xlogy(target, target) - target * torch.log(mean_p.clamp(min=1e-9))).sum(-1)
-    return _mean_over_present(kl, counts), kl
+    return _mean_over_present(kl, counts)
 
 
 def router_aux_losses(cfg: RouterConfig, logits: Tensor, probs: Tensor, chosen: Tensor, top_k: Tensor,
