@@ -2,5 +2,4 @@
 
 __version__ = "0.1.0"
 
-# Modality ids used everywhere: per-token ids index this tuple.
-MODALITIES = ("image", "text")
+from .moe.config import MODALITIES  # noqa: F401

@@ -70,7 +70,7 @@ def test_masked_pools_never_leave_the_pool(seed, k_image, k_text, shared, capaci
     g = torch.Generator().manual_seed(seed)
     x, m = torch.randn(50, D, generator=g) * 3, torch.randint(0, 2, (50,), generator=g)
     routing = r.route(x, m)
-    allowed = r.pool_mask[m]  # [S, E]
+    allowed = r.routing_tables(x.device)[0][m]  # [S, E]
     for k in range(routing.expert_index.shape[0]):
         idx = routing.expert_index[k]
         kept = idx >= 0

@@ -10,8 +10,8 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping, Union
 
-from mmoe_ds import MODALITIES
-
+# Modality ids index this tuple everywhere (per-token ids: 0 = image patch, 1 = text).
+MODALITIES = ("image", "text")
 ROUTING_MODES = ("agnostic", "modality_bias", "masked_pools", "separate_routers")
 DROP_POLICIES = ("probs", "position", "random")
 

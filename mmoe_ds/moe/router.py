@@ -80,12 +80,22 @@ class ModalityRouter(nn.Module):
         self.wg = nn.Linear(hidden_size, router_rows, bias=False)
         if cfg.mode == "modality_bias":
             self.modality_bias = nn.Parameter(torch.randn(M, E) * cfg.modality_bias_init_std)
-        pool_mask = torch.zeros(M, E, dtype=torch.bool)
-        for m, pool in enumerate(cfg.pool_members):
-            pool_mask[m, list(pool)] = True
-        self.register_buffer("pool_mask", pool_mask, persistent=False)
-        self.register_buffer("top_k_of_modality", torch.tensor(cfg.top_k_per_modality), persistent=False)
         self.ep_group = None
+        self._tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
+
+    def routing_tables(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        """(pool mask [M, E], top-k per modality [M]) on `device`, built from the config once.
+
+        Plain cached tensors rather than buffers: they are configuration, not state, and HF's
+        meta-device loading leaves non-persistent buffers uninitialised.
+        """
+        if device not in self._tables:
+            cfg = self.cfg
+            pool_mask = torch.zeros(cfg.num_modalities, cfg.num_experts, dtype=torch.bool)
+            for m, pool in enumerate(cfg.pool_members):
+                pool_mask[m, list(pool)] = True
+            self._tables[device] = (pool_mask.to(device), torch.tensor(cfg.top_k_per_modality, device=device))
+        return self._tables[device]
 
     def _set_ep_group(self, ep_group) -> None:
         """Called by DeepSpeed's MOELayer; routing uses it to agree on buffer sizes."""
@@ -105,7 +115,7 @@ class ModalityRouter(nn.Module):
         elif cfg.mode == "modality_bias":
             logits = logits + self.modality_bias.float()[modality_ids]
         elif cfg.mode == "masked_pools":
-            logits = logits.masked_fill(~self.pool_mask[modality_ids], float("-inf"))
+            logits = logits.masked_fill(~self.routing_tables(x.device)[0][modality_ids], float("-inf"))
         return logits
 
     def check_modality_ids(self, modality_ids: Tensor, num_tokens: int) -> Tensor:
@@ -156,7 +166,7 @@ class ModalityRouter(nn.Module):
         logits = self.compute_logits(x, modality_ids)
         probs = torch.softmax(logits, dim=-1)
         top_probs, chosen = probs.topk(K, dim=-1)  # [S, K]
-        token_k = self.top_k_of_modality[modality_ids]  # [S]
+        token_k = self.routing_tables(x.device)[1][modality_ids]  # [S]
         valid = torch.arange(K, device=x.device)[None] < token_k[:, None]
 
         aux_loss, aux_losses = router_aux_losses(cfg, logits, probs, chosen, token_k, modality_ids)

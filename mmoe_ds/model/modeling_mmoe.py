@@ -1,0 +1,239 @@
+"""The multimodal MoE causal LM: image patches and text tokens in one sequence, text out.
+
+Sequence layout (built by the processor): `<bos> <image>×P caption <eos>`; image positions
+carry patch embeddings instead of token embeddings, and modality id 0 (text: 1). Pre-norm
+transformer blocks with SDPA attention; every `moe_layer_frequency`-th FFN is an MoE block
+whose router sees the modality ids.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+
+from ..moe.experts import ExpertFFN
+from ..moe.layer import TorchMoE
+from ..moe.router import RoutingStats
+from .configuration_mmoe import MmoeConfig
+
+IMAGE, TEXT = 0, 1
+
+
+@dataclass
+class MmoeCausalLMOutput(MoeCausalLMOutputWithPast):
+    """HF's MoE output plus the loss parts and per-layer routing statistics (detached)."""
+
+    text_loss: Tensor | None = None
+    image_loss: Tensor | None = None
+    routing_stats: list[RoutingStats] | None = None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class Attention(nn.Module):
+    def __init__(self, config: MmoeConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // self.num_heads
+        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor, mask: Tensor, cache: DynamicCache | None) -> Tensor:
+        B, L, _ = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
+
+
+def make_moe_block(config: MmoeConfig) -> nn.Module:
+    if config.moe_backend == "deepspeed":
+        from ..moe.deepspeed_layer import DeepSpeedMoE  # only training needs DeepSpeed
+
+        return DeepSpeedMoE(config.router_config(), config.hidden_size, config.moe_intermediate_size)
+    return TorchMoE(config.router_config(), config.hidden_size, config.moe_intermediate_size)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: MmoeConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.attn = Attention(config, layer_idx)
+        self.ffn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.is_moe = config.is_moe_layer(layer_idx)
+        self.ffn = make_moe_block(config) if self.is_moe else ExpertFFN(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x, modality_ids, mask, cache):
+        x = x + self.attn(self.attn_norm(x), mask, cache)
+        h = self.ffn_norm(x)
+        if not self.is_moe:
+            return x + self.ffn(h), None
+        moe = self.ffn(h, modality_ids)
+        return x + moe.hidden_states, moe
+
+
+class MmoePreTrainedModel(PreTrainedModel):
+    config_class = MmoeConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["DecoderLayer"]
+    _supports_sdpa = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.normal_(0.0, std)
+            if getattr(module, "bias", None) is not None:
+                module.bias.zero_()
+        elif isinstance(module, RMSNorm):
+            module.weight.fill_(1.0)
+
+    @torch.no_grad()
+    def init_experts_by_global_id(self) -> None:
+        """Seed every expert from (seed, layer, global expert id): any ep_size starts identical,
+        and ranks of an expert-parallel group never hold copies of the same initial expert."""
+        ep_rank = 0
+        if self.config.moe_backend == "deepspeed" and torch.distributed.is_initialized():
+            # DeepSpeed puts consecutive ranks in one expert-parallel group (its groups are
+            # created later, inside deepspeed.initialize).
+            ep_rank = torch.distributed.get_rank() % self.config.ep_size
+        std = self.config.initializer_range
+        for layer_idx, layer in enumerate(self.model.layers):
+            if not layer.is_moe:
+                continue
+            experts = layer.ffn.deepspeed_moe.experts.deepspeed_experts
+            for local_id, expert in enumerate(experts):
+                global_id = ep_rank * len(experts) + local_id
+                g = torch.Generator().manual_seed(self.config.expert_init_seed * 1_000_003 + layer_idx * 1009 + global_id)
+                for p in expert.parameters():
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+class MmoeModel(MmoePreTrainedModel):
+    def __init__(self, config: MmoeConfig):
+        super().__init__(config)
+        d = config.hidden_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, d)
+        self.patch_embed = nn.Linear(config.patch_dim, d)
+        self.modality_embed = nn.Embedding(2, d)
+        self.position_embed = nn.Embedding(config.max_position_embeddings, d)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(d, config.rms_norm_eps)
+        self.post_init()
+
+    def embed(self, input_ids: Tensor, pixel_patches: Tensor | None, modality_ids: Tensor) -> Tensor:
+        h = self.embed_tokens(input_ids)
+        image_positions = modality_ids == IMAGE
+        if pixel_patches is not None and bool(image_positions.any()):
+            with_image = image_positions.any(1)
+            patches = self.patch_embed(pixel_patches[with_image].to(h.dtype))  # [B_img, P, d]
+            if patches.shape[0] * patches.shape[1] != int(image_positions.sum()):
+                raise ValueError(f"{int(image_positions.sum())} image tokens in input_ids but "
+                                 f"{patches.shape[0]}x{patches.shape[1]} patches; every image sample needs exactly "
+                                 f"{self.config.num_patches} <image> tokens.")
+            h = h.masked_scatter(image_positions[..., None], patches.reshape(-1, h.shape[-1]))
+        return h + self.modality_embed(modality_ids)
+
+    def forward(self, input_ids, pixel_patches=None, attention_mask=None, modality_ids=None,
+                past_key_values=None, use_cache=None, **_):
+        B, L = input_ids.shape
+        if modality_ids is None:
+            modality_ids = torch.where(input_ids == self.config.image_token_id, IMAGE, TEXT)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache()
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past + L > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {past + L} tokens exceeds max_position_embeddings="
+                             f"{self.config.max_position_embeddings}.")
+        positions = torch.arange(past, past + L, device=input_ids.device)
+        h = self.embed(input_ids, pixel_patches, modality_ids) + self.position_embed(positions)
+        mask = torch.ones(L, past + L, dtype=torch.bool, device=h.device).tril(past)[None, None]
+        if attention_mask is not None:
+            mask = mask & attention_mask[:, None, None, -(past + L):].bool()
+        moe_outputs = []
+        for layer in self.layers:
+            h, moe = layer(h, modality_ids, mask, past_key_values if use_cache else None)
+            if moe is not None:
+                moe_outputs.append(moe)
+        return self.norm(h), moe_outputs, (past_key_values if use_cache else None)
+
+
+class MmoeForCausalLM(MmoePreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {}
+
+    def __init__(self, config: MmoeConfig):
+        super().__init__(config)
+        self.model = MmoeModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.patch_head = nn.Linear(config.hidden_size, config.patch_dim) if config.image_loss_coef > 0 else None
+        self.post_init()
+        self.init_experts_by_global_id()
+
+    def forward(self, input_ids, pixel_patches=None, attention_mask=None, modality_ids=None, labels=None,
+                past_key_values=None, use_cache=None, output_router_logits=None, return_dict=True, **kwargs):
+        hidden, moe_outputs, cache = self.model(input_ids, pixel_patches, attention_mask, modality_ids,
+                                                past_key_values, use_cache)
+        logits = self.lm_head(hidden)
+        aux = torch.stack([m.aux_loss for m in moe_outputs]).mean() if moe_outputs else None
+        loss = text_loss = image_loss = None
+        if labels is not None:
+            text_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            loss = text_loss
+            if aux is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux
+            if self.patch_head is not None and pixel_patches is not None:
+                image_loss = self._next_patch_loss(hidden, pixel_patches, input_ids, modality_ids)
+                loss = loss + self.config.image_loss_coef * image_loss
+        want_logits = self.config.output_router_logits if output_router_logits is None else output_router_logits
+        return MmoeCausalLMOutput(
+            loss=loss, aux_loss=aux, logits=logits, past_key_values=cache,
+            router_logits=tuple(m.routing.logits for m in moe_outputs) if want_logits else None,
+            text_loss=text_loss, image_loss=image_loss, routing_stats=[m.routing.stats for m in moe_outputs])
+
+    def _next_patch_loss(self, hidden, pixel_patches, input_ids, modality_ids):
+        """MSE of predicting patch t+1 from the hidden state at t, for image positions t+1."""
+        if modality_ids is None:
+            modality_ids = torch.where(input_ids == self.config.image_token_id, IMAGE, TEXT)
+        image_positions = modality_ids == IMAGE
+        with_image = image_positions.any(1)
+        targets = torch.zeros(*input_ids.shape, pixel_patches.shape[-1], device=hidden.device, dtype=hidden.dtype)
+        targets = targets.masked_scatter(image_positions[..., None], pixel_patches[with_image].to(hidden.dtype))
+        predicted = self.patch_head(hidden[:, :-1])
+        next_is_image = image_positions[:, 1:]
+        if not bool(next_is_image.any()):
+            return hidden.new_zeros(())
+        return F.mse_loss(predicted[next_is_image].float(), targets[:, 1:][next_is_image].float())
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
+                                      pixel_patches=None, use_cache=True, **kwargs):
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if past > 0:  # the cache holds the prompt (and its image): feed only new tokens
+            input_ids = input_ids[:, past:]
+            pixel_patches = None
+        return {"input_ids": input_ids, "past_key_values": past_key_values, "attention_mask": attention_mask,
+                "pixel_patches": pixel_patches, "use_cache": use_cache}
+
+    @torch.no_grad()
+    def caption_scores(self, input_ids, pixel_patches, attention_mask, labels) -> Tensor:
+        """Sum of log-probabilities of the labelled tokens per sample (for caption ranking)."""
+        logits = self(input_ids=input_ids, pixel_patches=pixel_patches, attention_mask=attention_mask,
+                      use_cache=False).logits[:, :-1].float()
+        targets = labels[:, 1:]
+        logp = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
+        return (logp * (targets != -100)).sum(-1)
