@@ -7,6 +7,7 @@ whose router sees the modality ids.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 
 import torch
@@ -63,9 +64,10 @@ class Attention(nn.Module):
 
 def make_moe_block(config: MmoeConfig) -> nn.Module:
     if config.moe_backend == "deepspeed":
-        from ..moe.deepspeed_layer import DeepSpeedMoE  # only training needs DeepSpeed
-
-        return DeepSpeedMoE(config.router_config(), config.hidden_size, config.moe_intermediate_size)
+        # Imported by name: only training needs DeepSpeed, and an exported model (backend "torch")
+        # ships without this module.
+        ds_layer = importlib.import_module("mmoe_ds.moe.deepspeed_layer")
+        return ds_layer.DeepSpeedMoE(config.router_config(), config.hidden_size, config.moe_intermediate_size)
     return TorchMoE(config.router_config(), config.hidden_size, config.moe_intermediate_size)
 
 
@@ -187,6 +189,8 @@ class MmoeForCausalLM(MmoePreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids, pixel_patches=None, attention_mask=None, modality_ids=None, labels=None,
                 past_key_values=None, use_cache=None, output_router_logits=None, return_dict=True, **kwargs):
+        if past_key_values is None:
+            past_key_values = kwargs.get("cache")  # transformers >= 5.2x names it `cache`
         hidden, moe_outputs, cache = self.model(input_ids, pixel_patches, attention_mask, modality_ids,
                                                 past_key_values, use_cache)
         logits = self.lm_head(hidden)
@@ -222,6 +226,7 @@ class MmoeForCausalLM(MmoePreTrainedModel, GenerationMixin):
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
                                       pixel_patches=None, use_cache=True, **kwargs):
+        past_key_values = past_key_values if past_key_values is not None else kwargs.get("cache")
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if past > 0:  # the cache holds the prompt (and its image): feed only new tokens
             input_ids = input_ids[:, past:]

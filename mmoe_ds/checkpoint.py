@@ -1,0 +1,91 @@
+"""DeepSpeed checkpoints that survive crashes and changes of expert-parallel size.
+
+Layout: `OUT/checkpoints/<tag>/` holds DeepSpeed's files (one per global expert per MoE layer,
+the rest in `mp_rank_00_model_states.pt`, optimizer shards per rank), plus ours: `meta.json`
+(step, ep_size, world size, model config) and `rank{r}_state.pt` (that rank's loader position
+and RNG states). `OUT/checkpoints/latest` names the newest *complete* tag: it is written last,
+atomically, after every rank has finished, so a crash mid-save leaves the previous one in force.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_dir(output_dir: str | os.PathLike) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    latest = ckpt_dir / "latest"
+    if not latest.exists():
+        return None
+    tag = latest.read_text().strip()
+    return tag if (ckpt_dir / tag / "meta.json").exists() else None
+
+
+def save(engine, output_dir: str, step: int, meta: dict, rank_state: dict, keep_last: int) -> str:
+    """Collective: every rank must call it."""
+    ckpt_dir = checkpoint_dir(output_dir)
+    tag = f"step{step:08d}"
+    rank = dist.get_rank()
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+    torch.save(rank_state, ckpt_dir / tag / f".rank{rank}_state.pt.tmp")
+    os.replace(ckpt_dir / tag / f".rank{rank}_state.pt.tmp", ckpt_dir / tag / f"rank{rank}_state.pt")
+    dist.barrier()
+    if rank == 0:
+        atomic_write_text(ckpt_dir / tag / "meta.json", json.dumps(dict(meta, step=step, tag=tag), indent=1))
+        atomic_write_text(ckpt_dir / "latest", tag)
+        tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step"))
+        for old in tags[:-keep_last]:
+            if old != tag:
+                shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+    dist.barrier()
+    return tag
+
+
+def resume(engine, output_dir: str, ep_size: int, world_size: int) -> tuple[dict, dict | None] | None:
+    """Load the latest complete checkpoint into `engine`; returns (meta, this rank's state) or None.
+
+    A different ep_size reloads the weights (DeepSpeed regroups the per-expert files) but not
+    the optimizer state, whose shards are laid out per expert-parallel rank.
+    """
+    ckpt_dir = checkpoint_dir(output_dir)
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        return None
+    meta = json.loads((ckpt_dir / tag / "meta.json").read_text())
+    same_layout = meta["ep_size"] == ep_size and meta["world_size"] == world_size
+    engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=not same_layout,
+                           load_optimizer_states=same_layout, load_lr_scheduler_states=same_layout)
+    rank_file = ckpt_dir / tag / f"rank{dist.get_rank()}_state.pt"
+    rank_state = torch.load(rank_file, weights_only=False) if meta["world_size"] == world_size else None
+    return meta, rank_state

@@ -1,0 +1,155 @@
+"""Training recipes (`recipes/*.json`) and the checks a run must pass before any worker starts.
+
+A recipe has three sections: `data` (where the shards are, the per-batch modality mix),
+`model` (`MmoeConfig` fields, including `router`), `train` (steps, evaluation, checkpoints,
+expert-parallel size). Every error names the file, the field and the fix.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+SAMPLE_KINDS = ("image_text", "text", "image")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported before training starts."""
+
+
+@dataclass
+class DataSection:
+    dir: str = "data/embedded"
+    composition: dict[str, int] = field(default_factory=lambda: {"image_text": 6, "text": 1, "image": 1})
+    max_length: int = 64
+    num_workers: int = 0
+    eval_batches: int = 4  # per rank, for caption loss and text perplexity
+    ranking_images: int = 200  # Fashion-MNIST test images for zero-shot caption ranking (all ranks)
+    prepare_if_missing: bool = True
+
+
+@dataclass
+class TrainSection:
+    output_dir: str = "runs/demo"
+    steps: int = 200
+    expert_parallel_size: int = 1
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    keep_last: int = 2
+    progress_bar: bool = True
+
+
+@dataclass
+class Recipe:
+    data: DataSection
+    model: dict[str, Any]
+    train: TrainSection
+    path: str = "<recipe>"
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Recipe":
+        path = str(path)
+        try:
+            raw = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: recipe file not found; pass --recipe recipes/<name>.json.") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e}).") from None
+        return cls.from_dict(raw, path)
+
+    @classmethod
+    def from_dict(cls, raw: dict, path: str = "<recipe>") -> "Recipe":
+        unknown = sorted(set(raw) - {"data", "model", "train", "description"})
+        if unknown:
+            raise ConfigError(f"{path}: unknown top-level sections {unknown}; use data, model, train.")
+        recipe = cls(_section(DataSection, raw.get("data", {}), path, "data"), dict(raw.get("model", {})),
+                     _section(TrainSection, raw.get("train", {}), path, "train"), path)
+        recipe.validate()
+        return recipe
+
+    def validate(self) -> None:
+        p, d, t = self.path, self.data, self.train
+        bad = sorted(set(d.composition) - set(SAMPLE_KINDS))
+        if bad or not d.composition or any(int(v) < 0 for v in d.composition.values()) or sum(d.composition.values()) < 1:
+            raise ConfigError(f"{p}: data.composition must map {list(SAMPLE_KINDS)} to non-negative sample counts "
+                              f"with at least one sample (got {d.composition}).")
+        for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_last", "expert_parallel_size"):
+            if getattr(t, name) < 1:
+                raise ConfigError(f"{p}: train.{name} must be >= 1 (got {getattr(t, name)}).")
+        for reserved in ("moe_backend", "ep_size", "vocab_size"):
+            if reserved in self.model:
+                raise ConfigError(f"{p}: model.{reserved} is set by mmoe-ds (backend, train.expert_parallel_size, "
+                                  f"tokenizer); remove it from the recipe.")
+        modalities = self.model.get("router", {}).get("modalities")
+        if modalities is not None and tuple(modalities) != ("image", "text"):
+            raise ConfigError(f"{p}: model.router.modalities={modalities} does not match the data's modalities "
+                              f"['image', 'text']; remove the field or fix its order.")
+        experts = self.model.get("num_local_experts", 4)
+        if experts % t.expert_parallel_size:
+            raise ConfigError(f"{p}: train.expert_parallel_size={t.expert_parallel_size} must divide "
+                              f"model.num_local_experts={experts}.")
+
+    @property
+    def micro_batch_size(self) -> int:
+        return sum(self.data.composition.values())
+
+    def to_dict(self) -> dict:
+        return {"data": asdict(self.data), "model": self.model, "train": asdict(self.train)}
+
+
+def _section(cls, raw: dict, path: str, name: str):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{path}: unknown fields {[f'{name}.{u}' for u in unknown]}; valid: {sorted(known)}.")
+    return cls(**raw)
+
+
+def load_ds_config(path: str | os.PathLike) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: DeepSpeed config not found; pass --deepspeed_config ds_configs/<name>.json.") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e}).") from None
+
+
+def validate_launch(recipe: Recipe, ds_config: dict, ds_path: str, world_size: int) -> dict:
+    """Cross-checks of recipe, DeepSpeed config and world size; returns the DeepSpeed config to use."""
+    ep = recipe.train.expert_parallel_size
+    if world_size % ep:
+        raise ConfigError(f"{recipe.path}: train.expert_parallel_size={ep} must divide the world size {world_size} "
+                          f"(processes); launch a multiple of {ep} processes or change expert_parallel_size.")
+    stage = ds_config.get("zero_optimization", {}).get("stage", 0)
+    if stage == 3:
+        raise ConfigError(f"{ds_path}: zero_optimization.stage=3 is not supported with DeepSpeed's native MoE "
+                          f"(expert parallelism); use stage 0, 1 or 2.")
+    if ds_config.get("fp16", {}).get("enabled") and ds_config.get("bf16", {}).get("enabled"):
+        raise ConfigError(f"{ds_path}: fp16.enabled and bf16.enabled are both true; enable one.")
+    micro = ds_config.get("train_micro_batch_size_per_gpu")
+    if micro is not None and micro != recipe.micro_batch_size:
+        raise ConfigError(f"{ds_path}: train_micro_batch_size_per_gpu={micro} but {recipe.path} data.composition "
+                          f"sums to {recipe.micro_batch_size} samples per batch; make them equal (or drop the field).")
+    gas = ds_config.get("gradient_accumulation_steps", 1)
+    total = ds_config.get("train_batch_size")
+    if total is not None and total != recipe.micro_batch_size * gas * world_size:
+        raise ConfigError(f"{ds_path}: train_batch_size={total} != micro batch {recipe.micro_batch_size} x "
+                          f"gradient_accumulation_steps {gas} x {world_size} processes; fix it or drop the field.")
+    if "optimizer" not in ds_config:
+        raise ConfigError(f"{ds_path}: no 'optimizer' section; add e.g. {{\"type\": \"AdamW\", \"params\": {{\"lr\": 3e-4}}}}.")
+    config = json.loads(json.dumps(ds_config))
+    config["train_micro_batch_size_per_gpu"] = recipe.micro_batch_size
+    config.setdefault("gradient_accumulation_steps", 1)
+    config.pop("train_batch_size", None)
+    scheduler = config.get("scheduler", {})
+    if scheduler.get("type") in ("WarmupDecayLR", "WarmupCosineLR"):
+        scheduler.setdefault("params", {}).setdefault("total_num_steps", recipe.train.steps)
+    tb = config.get("tensorboard")
+    if tb and tb.get("enabled") and not tb.get("output_path"):
+        tb["output_path"] = str(Path(recipe.train.output_dir) / "tensorboard")
+        tb.setdefault("job_name", "mmoe")
+    return config
