@@ -1,0 +1,40 @@
+"""`mmoe-ds caption MODEL_DIR`: caption test images with an exported model (no DeepSpeed needed).
+
+The model is loaded with `AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True)`,
+i.e. from the code shipped inside the export, exactly as a user without mmoe-ds would.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from .data.processor import MmoeProcessor
+
+
+def caption_images(model, processor, images, max_new_tokens: int = 12) -> list[str]:
+    prompt = processor(images=images, texts=None, add_eos=False)
+    out = model.generate(input_ids=prompt["input_ids"], attention_mask=prompt["attention_mask"],
+                         pixel_patches=prompt["pixel_patches"], max_new_tokens=max_new_tokens, do_sample=False)
+    new_tokens = out[:, prompt["input_ids"].shape[1]:]
+    return processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+def main(argv: list[str]) -> int:
+    from .data_glue import test_examples
+
+    parser = argparse.ArgumentParser(prog="mmoe-ds caption", description=__doc__.splitlines()[0])
+    parser.add_argument("model_dir")
+    parser.add_argument("--data", default="data/embedded", help="prepared dataset whose test split to caption")
+    parser.add_argument("--num", type=int, default=6)
+    args = parser.parse_args(argv)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, trust_remote_code=True).eval()
+    processor = MmoeProcessor.from_pretrained(args.model_dir)
+    examples = test_examples(args.data, args.num)
+    with torch.no_grad():
+        captions = caption_images(model, processor, [e["image"] for e in examples])
+    for e, c in zip(examples, captions):
+        print(json.dumps({"source": e["source"], "reference": e["caption"], "generated": c.strip()}))
+    return 0
