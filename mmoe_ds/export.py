@@ -75,12 +75,14 @@ def load_checkpoint_model(ckpt: str | os.PathLike) -> tuple[MmoeForCausalLM, dic
     return model.eval(), meta, tag_dir
 
 
-def model_card(meta: dict, report_md: Path | None) -> str:
+def model_card(meta: dict, config: MmoeConfig, report_md: Path | None) -> str:
+    origin = (f"Exported from step {meta['step']} of a run with expert-parallel size {meta['ep_size']} on "
+              f"{meta['world_size']} processes." if "step" in meta else "")
     lines = ["---", "library_name: transformers", "tags: [mixture-of-experts, multimodal, mmoe-ds]", "---", "",
-             "# mmoe-ds multimodal MoE", "",
-             f"Exported from step {meta['step']} of a run with expert-parallel size {meta['ep_size']} "
-             f"on {meta['world_size']} processes. Routing mode: `{meta['model_config'].get('router', {}).get('mode', 'modality_bias')}`.",
-             "", "```python", "from transformers import AutoModelForCausalLM",
+             "# mmoe-ds multimodal MoE", "", origin,
+             f"{config.num_hidden_layers} layers, hidden size {config.hidden_size}, {config.num_local_experts} experts "
+             f"(top-k {config.num_experts_per_tok}), routing mode `{config.router_config().mode}`.", "",
+             "```python", "from transformers import AutoModelForCausalLM",
              "model = AutoModelForCausalLM.from_pretrained(PATH, trust_remote_code=True)", "```", ""]
     if meta.get("metrics"):
         lines += ["## Last evaluation", "", "```json", json.dumps(meta["metrics"], indent=1), "```", ""]
@@ -89,8 +91,10 @@ def model_card(meta: dict, report_md: Path | None) -> str:
     return "\n".join(lines)
 
 
-def export(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
-    model, meta, tag_dir = load_checkpoint_model(ckpt)
+def save_export(model: MmoeForCausalLM, out: str | os.PathLike, meta: dict | None = None,
+                processor_dir: str | os.PathLike | None = None, report_dir: str | os.PathLike | None = None) -> Path:
+    """Write an HF folder (weights, config with auto_map, code, processor, generation config,
+    model card) to a temp dir, then swap it in: a failure never leaves a half-written export."""
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -98,19 +102,21 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
                              "AutoModelForCausalLM": "modeling_mmoe.MmoeForCausalLM"}
     model.save_pretrained(tmp)
     write_code(tmp)
-    processor_dir = Path(meta["processor_dir"])
-    for f in processor_dir.iterdir():
-        if f.is_file():
-            shutil.copy2(f, tmp / f.name)
+    if processor_dir is not None:
+        for f in Path(processor_dir).iterdir():
+            if f.is_file():
+                shutil.copy2(f, tmp / f.name)
     c = model.config
     GenerationConfig(bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
                      max_new_tokens=16, do_sample=False).save_pretrained(tmp)
-    report_dir = Path(meta.get("report_dir", ""))
-    for name in ("routing_report.png", "routing_report.md"):
-        if (report_dir / name).exists():
-            shutil.copy2(report_dir / name, tmp / name)
-    (tmp / "README.md").write_text(model_card(meta, report_dir / "routing_report.md"))
-    if out.exists():  # swap in the new folder so a failure never leaves a half-written export
+    report_md = None
+    if report_dir is not None:
+        for name in ("routing_report.png", "routing_report.md"):
+            if (Path(report_dir) / name).exists():
+                shutil.copy2(Path(report_dir) / name, tmp / name)
+        report_md = Path(report_dir) / "routing_report.md"
+    (tmp / "README.md").write_text(model_card(meta or {}, c, report_md))
+    if out.exists():
         old = out.with_name(f".{out.name}.old{os.getpid()}")
         os.replace(out, old)
         os.replace(tmp, out)
@@ -118,6 +124,11 @@ def export(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
     else:
         os.replace(tmp, out)
     return out
+
+
+def export(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
+    model, meta, _ = load_checkpoint_model(ckpt)
+    return save_export(model, out, meta, meta.get("processor_dir"), meta.get("report_dir"))
 
 
 def main(argv: list[str]) -> int:
