@@ -9,4 +9,4 @@ COPY recipes ./recipes
 COPY ds_configs ./ds_configs
 COPY launch ./launch
 ENV OMP_NUM_THREADS=8 TOKENIZERS_PARALLELISM=false
-CMD ["deepspeed", "--num_gpus", "8", "-m", "mmoe_ds.train", "--recipe", "recipes/gpu_node.json", "--deepspeed_config", "ds_configs/zero1_bf16.json"]
+CMD ["deepspeed", "--num_gpus", "8", "--module", "mmoe_ds.train", "--recipe", "recipes/gpu_node.json", "--deepspeed_config", "ds_configs/zero1_bf16.json"]

@@ -15,7 +15,7 @@ start=$(date +%s)
 [ -f data/embedded/manifest.json ] || $PY -m mmoe_ds.cli prepare --source embedded --out data/embedded
 $PY -m mmoe_ds.train --check --recipe "$RECIPE" --deepspeed_config "$DS_CONFIG" --world_size "$NPROC"
 [ "${RESUME:-0}" = 1 ] || rm -rf "$RUN"
-.venv/bin/deepspeed --num_gpus "$NPROC" -m mmoe_ds.train --recipe "$RECIPE" --deepspeed_config "$DS_CONFIG"
+.venv/bin/deepspeed --num_gpus "$NPROC" --module mmoe_ds.train --recipe "$RECIPE" --deepspeed_config "$DS_CONFIG"
 $PY -m mmoe_ds.cli export "$RUN" "$RUN/export"
 echo "--- captions from the export, loaded with trust_remote_code and DeepSpeed blocked:"
 $PY - "$RUN/export" <<'PYEOF'

@@ -1,6 +1,6 @@
 """Training entry point, started by the DeepSpeed launcher (or torchrun):
 
-    deepspeed --num_gpus N -m mmoe_ds.train --recipe recipes/X.json --deepspeed_config ds_configs/Y.json
+    deepspeed --num_gpus N --module mmoe_ds.train --recipe recipes/X.json --deepspeed_config ds_configs/Y.json
 
 Everything comes from the two JSON files. Configuration is checked before DeepSpeed is even
 imported (`--check` only checks). Resumes from `<output_dir>/checkpoints/latest` if present.
@@ -145,8 +145,8 @@ class Trainer:
                 out = self.engine(**self.to_device(next(batches)))
                 self.engine.backward(out.loss)
                 self.engine.step()
-                window.append([out.loss.item(), out.text_loss.item(), float(out.aux_loss or 0),
-                               float(out.image_loss or 0)])
+                window.append([float(v.detach()) if v is not None else 0.0
+                               for v in (out.loss, out.text_loss, out.aux_loss, out.image_loss)])
                 stats = out.routing_stats
                 window_stats = stats if window_stats is None else [RoutingStats.merge([a, b]) for a, b in zip(window_stats, stats)]
             if progress is not None:

@@ -22,6 +22,8 @@ from ..moe.router import RoutingStats
 from .configuration_mmoe import MmoeConfig
 
 IMAGE, TEXT = 0, 1
+# transformers >= 5.2x renamed the output field `past_key_values` to `cache`.
+_CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 @dataclass
@@ -206,7 +208,7 @@ class MmoeForCausalLM(MmoePreTrainedModel, GenerationMixin):
                 loss = loss + self.config.image_loss_coef * image_loss
         want_logits = self.config.output_router_logits if output_router_logits is None else output_router_logits
         return MmoeCausalLMOutput(
-            loss=loss, aux_loss=aux, logits=logits, past_key_values=cache,
+            loss=loss, aux_loss=aux, logits=logits, **{_CACHE_FIELD: cache},
             router_logits=tuple(m.routing.logits for m in moe_outputs) if want_logits else None,
             text_loss=text_loss, image_loss=image_loss, routing_stats=[m.routing.stats for m in moe_outputs])
 
