@@ -4,3 +4,15 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory):
+    """A reduced embedded build (real data, a few seconds), shared by the data and training tests."""
+    from mmoe_ds.data.prepare import main as prepare
+
+    out = tmp_path_factory.mktemp("data") / "embedded"
+    assert prepare(["--small", "--out", str(out), "--samples-per-shard", "100", "--max-length", "48"]) == 0
+    return out

@@ -25,6 +25,7 @@ modality tags are skipped, counted per reason (`skip_counts()`) and logged with 
 from __future__ import annotations
 
 import json
+import logging
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from .processor import MmoeProcessor
 from .schema import SAMPLE_KINDS
 from .shards import SKIP_REASONS, decode, iter_raw
+
+log = logging.getLogger("mmoe_ds.data")
 
 
 @dataclass
@@ -92,6 +95,10 @@ def _shards_by_kind(cfg: LoaderConfig) -> dict[str, list[tuple[str, str, int, in
     return out
 
 
+class NoReadableSamples(Exception):
+    """A whole epoch of a stream held no usable sample for this slot."""
+
+
 class _Stream:
     """Samples of one kind from some shards, restricted to one slot; position is JSON state."""
 
@@ -123,8 +130,7 @@ class _Stream:
                 self._raw, self.cursor, self.consumed = None, self.cursor + 1, 0
                 if self.cursor == len(self.shards):  # next epoch, in a new shard order
                     if self._valid_in_epoch == 0 and self._whole_epoch_seen:
-                        raise RuntimeError(f"no readable {self.kind} samples for slot {self.slot} in {self.name}; "
-                                           f"every shard is damaged or the slot is empty.")
+                        raise NoReadableSamples(self.name)
                     self.epoch, self.cursor, self._valid_in_epoch, self._whole_epoch_seen = self.epoch + 1, 0, 0, True
                 continue
             shard = self.shards[self._order()[self.cursor]]
@@ -164,25 +170,43 @@ class _SlotBatches:
                 w = np.array([cfg.source_weights[n] for n in names], dtype=float)
             else:
                 w = np.array([sum(s[2] for s in groups[n]) for n in names], dtype=float)
-            self.weights[kind] = w / w.sum()
+            self.weights[kind] = np.array(state["weights"][kind]) if "weights" in state else w / w.sum()
 
     def state(self) -> dict:
-        return {"batch": self.batch, "skips": dict(self.skips),
+        return {"batch": self.batch, "skips": dict(self.skips), "weights": {k: w.tolist() for k, w in self.weights.items()},
                 "streams": {s.name: s.state() for streams in self.streams.values() for s in streams}}
+
+    def _draw(self, kind: str, rng: np.random.Generator) -> dict:
+        """Next sample of `kind` from a source drawn by weight; an unreadable source is dropped."""
+        while True:
+            i = rng.choice(len(self.streams[kind]), p=self.weights[kind])
+            try:
+                return self.streams[kind][i].next()
+            except NoReadableSamples as e:
+                self.skips["dead_source"] += 1
+                log.warning("source %s has no readable samples for slot %d; dropping it", e, self.slot)
+                w = self.weights[kind].copy()
+                w[i] = 0.0
+                if w.sum() == 0:
+                    raise RuntimeError(f"no readable {kind} samples left in split {self.cfg.split!r} of "
+                                       f"{self.cfg.data_dir} for slot {self.slot}; every shard is damaged.") from None
+                self.weights[kind] = w / w.sum()
 
     def next_batch(self) -> dict:
         rng = np.random.default_rng([self.cfg.seed, self.slot, self.batch])
-        encoded = []
+        encoded, keys = [], []
         for kind in SAMPLE_KINDS:
             count = self.cfg.composition.get(kind, 0)
             if not count:
                 continue
-            picks = rng.choice(len(self.streams[kind]), size=count, p=self.weights[kind])
-            for i in picks:
-                s = self.streams[kind][i].next()
+            for _ in range(count):
+                s = self._draw(kind, rng)
                 encoded.append(self.processor.encode(s["image"], s["text"]))
+                keys.append(f"{s['meta'].get('source')}/{s['key']}")
         self.batch += 1
-        return self.processor.collate(encoded)
+        batch = self.processor.collate(encoded)
+        batch["keys"] = keys  # sample identities, for logging and the disjointness tests
+        return batch
 
 
 def slot_capacity(cfg: LoaderConfig, n_slots: int) -> int:

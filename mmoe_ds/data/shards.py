@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -21,7 +22,8 @@ from .schema import SAMPLE_KINDS
 
 log = logging.getLogger("mmoe_ds.data")
 
-SKIP_REASONS = ("corrupt_tar", "missing_key", "bad_json", "unknown_modality", "bad_image", "empty_caption")
+SKIP_REASONS = ("corrupt_tar", "missing_key", "bad_json", "unknown_modality", "bad_image", "empty_caption",
+                "dead_source")  # the last: a source with no readable sample left, dropped from the mix
 
 
 def png_bytes(image: Image.Image) -> bytes:
@@ -86,6 +88,8 @@ def iter_raw(shard: str, skips: Counter) -> Iterator[tuple[str, dict[str, bytes]
     try:
         with tarfile.open(shard, "r|*") as tar:
             yield from _group_by_key(tar)
+        if os.path.getsize(shard) % tarfile.BLOCKSIZE:  # stream reading ends quietly at a cut header
+            raise tarfile.ReadError("truncated: size is not a multiple of 512 bytes")
     except (tarfile.TarError, OSError, EOFError, ValueError) as e:
         skips["corrupt_tar"] += 1
         log.warning("skipping rest of shard %s: %s", shard, e)
