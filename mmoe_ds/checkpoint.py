@@ -86,6 +86,11 @@ def resume(engine, output_dir: str, ep_size: int, world_size: int) -> tuple[dict
     same_layout = meta["ep_size"] == ep_size and meta["world_size"] == world_size
     engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=not same_layout,
                            load_optimizer_states=same_layout, load_lr_scheduler_states=same_layout)
+    if not same_layout:  # the optimizer restarts; step counters and the LR schedule continue
+        engine.global_steps = meta["step"]
+        engine.global_samples = meta["step"] * engine.train_batch_size()
+        if engine.lr_scheduler is not None:
+            engine.lr_scheduler.step(meta["step"])
     rank_file = ckpt_dir / tag / f"rank{dist.get_rank()}_state.pt"
     rank_state = torch.load(rank_file, weights_only=False) if meta["world_size"] == world_size else None
     return meta, rank_state

@@ -78,6 +78,7 @@ class Trainer:
         self.device = self.engine.device
         self.loader = make_train_loader(r.data, self.processor, self.rank, self.world_size, t.seed)
         self.start_step = 0
+        torch.manual_seed(t.seed * 1000 + self.rank)  # per-rank stream (router jitter, random drops)
         resumed = checkpoint.resume(self.engine, str(self.out), t.expert_parallel_size, self.world_size)
         if resumed is not None:
             meta, rank_state = resumed
@@ -88,7 +89,6 @@ class Trainer:
             self.log(f"resumed from step {self.start_step} (written at ep_size={meta['ep_size']})")
             if self.rank == 0:
                 self._truncate_metrics(self.start_step)
-        torch.manual_seed(t.seed * 1000 + self.rank + self.start_step)
 
     def _truncate_metrics(self, step: int) -> None:
         """Steps logged after the checkpoint (before a crash) will be logged again."""
