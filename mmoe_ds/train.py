@@ -135,7 +135,8 @@ class Trainer:
         if self.rank == 0 and t.progress_bar:
             from tqdm import tqdm
 
-            progress = tqdm(total=t.steps, initial=self.start_step, desc="train", dynamic_ncols=True)
+            progress = tqdm(total=t.steps, initial=self.start_step, desc="train", dynamic_ncols=True,
+                            mininterval=1.0 if sys.stderr.isatty() else 30.0)
         window: list = []
         window_stats: list[RoutingStats] | None = None
         last_eval: dict = {}
