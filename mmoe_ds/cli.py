@@ -11,7 +11,6 @@ import sys
 
 SUBCOMMANDS = {
     "prepare": ("mmoe_ds.data.prepare", "write WebDataset shards (embedded dataset, image folder, HF dataset)"),
-    "route-demo": ("mmoe_ds.moe.demo", "expert-parallel routing demo with per-modality statistics"),
     "train": ("mmoe_ds.train", "train from a recipe and a DeepSpeed config (use the deepspeed launcher)"),
     "export": ("mmoe_ds.export", "gather a DeepSpeed checkpoint (any ep_size) into one HF folder"),
     "caption": ("mmoe_ds.caption", "caption images with an exported model"),
