@@ -39,6 +39,18 @@ def test_every_batch_has_the_exact_composition(small_dataset):
     assert i == 999
 
 
+def test_balance_by_tokens_meets_each_kinds_token_budget(small_dataset):
+    budget = {"image_text": 120, "text": 40, "image": 18}
+    max_len = 48
+    for _, batch in zip(range(200), loader(small_dataset, composition=budget, balance_by="tokens", max_length=max_len)):
+        tokens = batch["attention_mask"].sum(1)
+        kinds = batch["sample_kind"]
+        assert kinds.tolist() == sorted(kinds.tolist())  # kinds stay in composition order
+        for kind_id, (kind, b) in enumerate(budget.items()):
+            got = int(tokens[kinds == kind_id].sum())
+            assert b <= got < b + max_len, (kind, got)
+
+
 # -- 2. sharding across ranks and workers -----------------------------------------------------------
 def test_ranks_and_workers_see_disjoint_samples_and_equal_batch_counts(small_dataset):
     seen, counts = [], []

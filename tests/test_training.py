@@ -107,6 +107,8 @@ def test_checkpoint_moves_between_expert_parallel_sizes(run_a, small_dataset, tm
     set_latest(run_c, "step00000020")
     train(write_recipe(tmp_path / "c.json", small_dataset, run_c, ep=1, steps=23, checkpoint_every=1))
     assert losses(run_c)[21] == pytest.approx(losses(run_a)[21], rel=1e-5)
+    kept = sorted(p.name for p in (run_c / "checkpoints").iterdir() if p.is_dir())
+    assert "step00000010" not in kept and len(kept) == 5  # keep_last=5 pruned the oldest
     # ep 1 -> 2: resume run C's step-22 checkpoint (written at ep_size=1) at ep_size=2.
     run_d = tmp_path / "d"
     shutil.copytree(run_c / "checkpoints", run_d / "checkpoints")

@@ -2,6 +2,9 @@
 
 Every batch holds exactly `composition` samples of each kind (image+text pairs, text-only,
 image-only), in that order, so experts of an under-represented modality are never starved.
+With `balance_by="tokens"` the composition is a token budget per kind instead: each kind gets
+samples until its tokens (image patches included) reach the budget, so the batch's modality
+mix holds by tokens whatever the caption and text lengths.
 
 Sharding: the processes' dataloader workers form `world_size × num_workers` slots; a sample
 belongs to slot `canonical_id % slots` (its position in the manifest's shard order), so slots
@@ -55,6 +58,7 @@ class LoaderConfig:
     resampled: bool = True
     steps_per_epoch: int | None = None  # batches per rank; None: infinite if resampled, else one pass
     max_length: int = 64
+    balance_by: str = "samples"  # or "tokens": composition values are token budgets per kind
 
     def __post_init__(self):
         manifest = Path(self.data_dir) / "manifest.json"
@@ -64,6 +68,11 @@ class LoaderConfig:
         if bad or sum(self.composition.values()) < 1 or min(self.composition.values()) < 0:
             raise ValueError(f"LoaderConfig.composition: kinds must be {list(SAMPLE_KINDS)} with counts >= 0 "
                              f"summing to >= 1, got {self.composition}.")
+        if self.balance_by not in ("samples", "tokens"):
+            raise ValueError(f"LoaderConfig.balance_by: 'samples' or 'tokens', got {self.balance_by!r}.")
+        if self.balance_by == "tokens" and not self.resampled and self.steps_per_epoch is None:
+            raise ValueError("LoaderConfig.steps_per_epoch: a one-pass loader balanced by tokens needs an explicit "
+                             "number of steps per epoch (samples per batch vary).")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"LoaderConfig.rank: {self.rank} is outside 0..{self.world_size - 1} (world_size).")
         if self.num_workers < 0:
@@ -199,10 +208,12 @@ class _SlotBatches:
             count = self.cfg.composition.get(kind, 0)
             if not count:
                 continue
-            for _ in range(count):
+            taken = 0  # samples, or tokens with balance_by="tokens"
+            while taken < count:
                 s = self._draw(kind, rng)
                 encoded.append(self.processor.encode(s["image"], s["text"]))
                 keys.append(f"{s['meta'].get('source')}/{s['key']}")
+                taken += len(encoded[-1]["input_ids"]) if self.cfg.balance_by == "tokens" else 1
         self.batch += 1
         batch = self.processor.collate(encoded)
         batch["keys"] = keys  # sample identities, for logging and the disjointness tests
