@@ -55,10 +55,10 @@ class Trainer:
         on_gpu = torch.cuda.is_available()
         if not on_gpu:
             deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # inference-only op, 30 s JIT build
+        if on_gpu:  # before NCCL initialises, so each process talks from its own GPU
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
         self.rank = dist.get_rank()
-        if on_gpu:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         r, t = self.recipe, self.recipe.train
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
