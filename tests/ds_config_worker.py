@@ -1,0 +1,42 @@
+"""One process, no launcher: every shipped DeepSpeed config builds an engine around the model
+(DeepSpeed MoE layers) and takes an optimizer step. Prints {config: "ok <dtype>" | error}."""
+from __future__ import annotations
+
+import json
+import sys
+
+import deepspeed
+import torch
+
+from mmoe_ds.model import MmoeConfig, MmoeForCausalLM
+from mmoe_ds.recipe import Recipe, load_ds_config, validate_launch
+
+
+def main(names: list[str]) -> None:
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend="gloo")
+    recipe = Recipe.load("recipes/demo_cpu.json")
+    recipe.train.expert_parallel_size = 1
+    results = {}
+    for name in names:
+        config = validate_launch(recipe, load_ds_config(f"ds_configs/{name}.json"), name, 1)
+        config["optimizer"]["params"]["torch_adam"] = True  # no fused CPU Adam build in tests
+        config.pop("tensorboard", None)
+        torch.manual_seed(0)
+        model = MmoeForCausalLM(MmoeConfig(**recipe.model, vocab_size=64, moe_backend="deepspeed", ep_size=1))
+        try:
+            engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=config)
+            ids = torch.randint(4, 64, (recipe.micro_batch_size, 20))
+            ids[:, 1:17] = model.config.image_token_id
+            out = engine(input_ids=ids, pixel_patches=torch.randn(len(ids), 16, 49), labels=ids)
+            engine.backward(out.loss)
+            engine.step()
+            ok = torch.isfinite(out.loss).item()
+            results[name] = f"ok {next(engine.module.parameters()).dtype}" if ok else "non-finite loss"
+        except Exception as e:  # reported per config, so one failure does not hide the others
+            results[name] = f"{type(e).__name__}: {e}"
+    print("RESULTS " + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
