@@ -1,4 +1,4 @@
-"""Expert FFNs and the two ways to run a set of them.
+"""Expert FFNs and the ways to run a set of them.
 
 `LocalExperts` keeps one module per expert under `deepspeed_experts.{i}` (DeepSpeed's own
 naming), because DeepSpeed's checkpointing writes one file per expert by matching that prefix:
@@ -7,8 +7,12 @@ per-expert weights and run them together instead of DeepSpeed's Python loop:
   * `forward` (DeepSpeed's capacity-padded [groups, experts, capacity, d] contract): batched bmm;
   * `forward_sorted` (dropless, tokens sorted by expert): grouped GEMM
     (`torch.nn.functional.grouped_mm`, then `torch._grouped_mm`, then a per-expert loop).
+Neither reads anything back to the host while a grouped GEMM kernel applies; the loop fallback
+reads the group sizes once per call.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -32,28 +36,62 @@ def _grouped_mm_fn():
     return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
-def grouped_linear(x: Tensor, weight: Tensor, offsets: Tensor, counts: Tensor | None) -> Tensor:
+class _MaterialisedGrad(torch.autograd.Function):
+    """Identity whose backward makes the gradient contiguous: grouped_mm's backward rejects
+    expanded (stride-0) gradients, such as the one `y.sum().backward()` sends."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
+def grouped_linear(x: Tensor, weight: Tensor, offsets: Tensor, sizes: list[int] | None = None) -> Tensor:
     """Rows of x [N, in] sorted by group times each group's weight [G, out, in]^T.
 
-    `offsets` are the cumulative row ends (int32). Falls back to a loop (needing `counts` on the
-    host) where no grouped GEMM kernel applies: old torch, or strides the kernel refuses.
+    `offsets` are the cumulative row ends (int32, on x's device). Where no grouped GEMM kernel
+    applies (old torch, unaligned rows, a kernel that refuses the dtype or device) it loops over
+    the groups, which needs their sizes on the host: `sizes`, else read from `offsets` (a sync).
     """
-    fn = _grouped_mm_fn()
-    if fn is not None and _grouped_mm_supported(x, weight):
-        return fn(x, weight.transpose(-2, -1), offs=offsets)
-    sizes = (counts if counts is not None else torch.diff(offsets, prepend=offsets.new_zeros(1))).tolist()
+    if _grouped_mm_supported(x, weight):
+        return _MaterialisedGrad.apply(_grouped_mm_fn()(x, weight.transpose(-2, -1), offs=offsets))
+    if sizes is None:
+        sizes = torch.diff(offsets, prepend=offsets.new_zeros(1)).tolist()
     outs = [chunk @ w.t() for chunk, w in zip(x.split(sizes), weight)]
     return torch.cat(outs) if outs else x.new_zeros(0, weight.shape[1])
 
 
 def _grouped_mm_supported(x: Tensor, weight: Tensor) -> bool:
-    """The kernels want 16-byte aligned rows; CPU fp32 works, CUDA needs bf16/fp16 on sm90."""
-    aligned = all(d * x.element_size() % 16 == 0 for d in (x.shape[-1], weight.shape[-2]))
-    if not aligned or x.dtype != weight.dtype:
+    """A kernel exists, rows are 16-byte aligned, and it works forward and backward for this
+    device and dtype (probed once). On CUDA only bf16 on sm90+ has torch's fast kernel."""
+    fn = _grouped_mm_fn()
+    aligned = all(n * x.element_size() % 16 == 0 for n in (x.shape[-1], weight.shape[-2]))
+    if fn is None or not aligned or x.dtype != weight.dtype:
         return False
-    if x.is_cuda:
-        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
-    return True
+    if x.is_cuda and (x.dtype != torch.bfloat16 or _cuda_major(x.device.index) < 9):
+        return False
+    return _kernel_works(fn, x.device, x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_major(index: int | None) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel_works(fn, device: torch.device, dtype: torch.dtype) -> bool:
+    try:  # outside inference mode, or a first call there would disable the kernel for good
+        with torch.inference_mode(False), torch.enable_grad():
+            a = torch.ones(32, 64, device=device, dtype=dtype, requires_grad=True)
+            b = torch.ones(2, 64, 64, device=device, dtype=dtype, requires_grad=True)
+            out = fn(a, b.transpose(-2, -1), offs=torch.tensor([8, 32], device=device, dtype=torch.int32))
+            _MaterialisedGrad.apply(out).sum().backward()
+        return bool(torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all())
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
 
 
 class LocalExperts(nn.Module):
@@ -69,7 +107,7 @@ class LocalExperts(nn.Module):
                 param.group_name = expert_group_name
 
     def stacked(self, name: str) -> Tensor:
-        """[E, out, in] weights of projection `name` (w1, w2, w3) of all local experts."""
+        """[E, out, in] weights of projection `name` (w1, w2, w3) of all local experts (a copy)."""
         return torch.stack([getattr(e, name).weight for e in self.deepspeed_experts])
 
     def forward(self, inputs: Tensor) -> Tensor:
@@ -87,12 +125,16 @@ class LocalExperts(nn.Module):
         return torch.cat([expert(c) for c, expert in zip(chunks, self.deepspeed_experts)], dim=1)
 
     def forward_sorted(self, x: Tensor, tokens_per_expert: Tensor, use_grouped: bool = True) -> Tensor:
-        """Dropless: rows of x sorted by expert, `tokens_per_expert` [E] rows each."""
+        """Dropless: rows of x sorted by expert, `tokens_per_expert` [E] rows each (summing to len(x)).
+
+        `use_grouped=False` is the reference: each expert module over its rows.
+        """
         if not use_grouped:
             sizes = tokens_per_expert.tolist()
             return torch.cat([e(c) for c, e in zip(x.split(sizes), self.deepspeed_experts)])
-        offsets = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
-        counts = None if x.is_cuda else tokens_per_expert
-        h = F.silu(grouped_linear(x, self.stacked("w1"), offsets, counts))
-        h = h * grouped_linear(x, self.stacked("w3"), offsets, counts)
-        return grouped_linear(h, self.stacked("w2"), offsets, counts)
+        w1, w3, w2 = self.stacked("w1"), self.stacked("w3"), self.stacked("w2")
+        offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
+        # w1 [E, f, d] checks both widths (d and f) the three GEMMs use: one decision, one sync at most.
+        sizes = None if _grouped_mm_supported(x, w1) else tokens_per_expert.tolist()
+        h = F.silu(grouped_linear(x, w1, offsets, sizes)) * grouped_linear(x, w3, offsets, sizes)
+        return grouped_linear(h, w2, offsets, sizes)

@@ -22,11 +22,14 @@ class MoEOutput(NamedTuple):
     routing: Routing
 
 
-def combine_routes(x: Tensor, routing: Routing, experts: LocalExperts, use_grouped: bool = True) -> Tensor:
+def combine_routes(x: Tensor, routing: Routing, experts: LocalExperts, use_grouped: bool = True,
+                   num_kept: int | None = None) -> Tensor:
     """Σ_k gate_k · expert_{index_k}(x) for every token, computing only the kept routes.
 
     Routes are sorted by expert so each expert runs one GEMM over its tokens (grouped GEMM),
-    then scattered back weighted by their gates, accumulated in fp32.
+    then scattered back weighted by their gates, accumulated in fp32. `num_kept`: the number of
+    kept routes where the caller knows it (dropless with one k for every token: all K·S), else it
+    is read back from the device (one host sync).
     """
     S = x.shape[0]
     index = routing.expert_index.reshape(-1)  # [K*S], route r belongs to token r % S
@@ -34,7 +37,8 @@ def combine_routes(x: Tensor, routing: Routing, experts: LocalExperts, use_group
     sort_key = torch.where(index >= 0, index, E)  # dropped routes sort last
     order = torch.argsort(sort_key, stable=True)
     tokens_per_expert = torch.bincount(sort_key, minlength=E + 1)[:E]
-    num_kept = int(tokens_per_expert.sum())  # one host sync: sizes the sorted buffer
+    if num_kept is None:
+        num_kept = int(tokens_per_expert.sum())  # one host sync: sizes the sorted buffer
     order = order[:num_kept]
     token = order % S
     y = experts.forward_sorted(x[token], tokens_per_expert, use_grouped=use_grouped)
@@ -66,5 +70,8 @@ class TorchMoE(nn.Module):
     def forward(self, hidden_states: Tensor, modality_ids: Tensor) -> MoEOutput:
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
         routing = self.deepspeed_moe.gate.route(x, modality_ids)
-        out = combine_routes(x, routing, self.deepspeed_moe.experts, self.use_grouped)
+        cfg = self.cfg
+        every_route_kept = not cfg.drop_tokens and len(set(cfg.top_k_per_modality)) == 1
+        out = combine_routes(x, routing, self.deepspeed_moe.experts, self.use_grouped,
+                             num_kept=x.shape[0] * cfg.max_top_k if every_route_kept else None)
         return MoEOutput(out.view_as(hidden_states), routing.aux_loss, routing)
