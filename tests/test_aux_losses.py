@@ -31,8 +31,11 @@ def test_modality_load_balance_by_hand():
 
 
 def test_z_loss_by_hand():
-    logits = torch.tensor([[0.0, 0.0], [math.log(3), 0.0]])
-    assert L.z_loss(logits).item() == pytest.approx((math.log(2) ** 2 + math.log(4) ** 2) / 2)
+    # 3 tokens x 2 experts, rows and columns with different sums; a masked (-inf) logit counts as 0 mass.
+    logits = torch.tensor([[0.0, 0.0], [math.log(3), 0.0], [math.log(7), math.log(2)], [math.log(5), float("-inf")]])
+    # logsumexp per token: ln 2, ln 4, ln 9, ln 5
+    expected = (math.log(2) ** 2 + math.log(4) ** 2 + math.log(9) ** 2 + math.log(5) ** 2) / 4
+    assert L.z_loss(logits).item() == pytest.approx(expected)
 
 
 def test_entropy_losses_by_hand():
@@ -118,3 +121,19 @@ def test_balanced_router_has_minimal_load_balance():
     assert L.load_balance(probs, chosen, torch.ones(8, dtype=torch.long)).item() == pytest.approx(1.0)
     collapsed = torch.zeros(8, 1, dtype=torch.long)
     assert L.load_balance(torch.tensor([[1.0, 0, 0, 0]]).repeat(8, 1), collapsed, torch.ones(8, dtype=torch.long)).item() == pytest.approx(4.0)
+
+
+def test_router_scales_pool_losses_by_the_configured_pool_sizes():
+    """Uniform probabilities over each pool (zero router weights), pools of 2 and 3 of 4 experts:
+    modality balance |P_m| · Σ_e p_e f_e = |P_m| · 1/|P_m| = 1 for each modality, whichever expert
+    is picked; mean probabilities uniform over the pool have entropy log |P_m|, exactly the
+    default threshold, so the global-entropy loss is 0; local entropy is (log 2 + log 3) / 2."""
+    cfg = RouterConfig(num_experts=4, mode="masked_pools", pools={"image": [0, 1], "text": [1, 2, 3]}, top_k=1,
+                       modality_load_balance_coef=1.0, global_entropy_coef=1.0, local_entropy_coef=1.0)
+    router = ModalityRouter(cfg, 8)
+    with torch.no_grad():
+        router.wg.weight.zero_()
+    _, parts = _losses(router, torch.randn(10, 8), torch.tensor([0, 1] * 5))
+    assert parts["modality_load_balance"].item() == pytest.approx(1.0, abs=1e-6)
+    assert parts["global_entropy"].item() == pytest.approx(0.0, abs=1e-6)
+    assert parts["local_entropy"].item() == pytest.approx((math.log(2) + math.log(3)) / 2, abs=1e-6)

@@ -8,7 +8,6 @@ handed to the gate just before the call and cleared after it.
 """
 from __future__ import annotations
 
-import torch
 from deepspeed.moe.layer import MoE
 from torch import Tensor, nn
 

@@ -16,8 +16,13 @@ from .config import RouterConfig
 
 
 def _entropy(p: Tensor) -> Tensor:
-    """Shannon entropy (nats) over the last dim; 0·log 0 = 0."""
-    return -torch.special.xlogy(p, p).sum(-1)
+    """Shannon entropy (nats) over the last dim; 0·log 0 = 0, with a finite gradient there.
+
+    `xlogy(p, p)` has the right value but the gradient log(p) + 1 = -inf at p = 0, and the
+    softmax backward multiplies it by p = 0: NaN. Clamping inside the log keeps the value
+    (p·log(tiny) = 0 at p = 0) and makes the gradient log(tiny), finite.
+    """
+    return -(p * torch.log(p.clamp(min=torch.finfo(p.dtype).tiny))).sum(-1)
 
 
 def _sum_by_modality(values: Tensor, modality_ids: Tensor, num_modalities: int) -> Tensor:
@@ -129,6 +134,8 @@ def router_aux_losses(cfg: RouterConfig, logits: Tensor, probs: Tensor, chosen: 
     when their coefficient is non-zero.
     """
     M = cfg.num_modalities
+    if probs.shape[0] == 0:  # no tokens on this rank: no loss, but still a graph for backward
+        return _no_tokens_losses(cfg, logits)
     terms: dict[str, tuple[float, Tensor]] = {"load_balance": (cfg.load_balance_coef, load_balance(probs, chosen, top_k))}
     if cfg.modality_load_balance_coef:
         pool_sizes = probs.new_tensor([len(p) for p in cfg.pool_members])
@@ -152,3 +159,16 @@ def router_aux_losses(cfg: RouterConfig, logits: Tensor, probs: Tensor, chosen: 
         terms["matched_utilization"] = (cfg.matched_utilization_coef, matched_utilization(probs, modality_ids, target)[0])
     total = sum(coef * value for coef, value in terms.values())
     return total, {name: value for name, (_, value) in terms.items()}
+
+
+def _no_tokens_losses(cfg: RouterConfig, logits: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """Zero for every enabled loss when a call has no tokens (means over zero tokens are NaN).
+
+    The zeros hang off `logits` (logits.sum() over zero rows is 0), so backward reaches the
+    router weights with zero gradient, as it does on ranks that have tokens.
+    """
+    zero = logits.sum() * 0.0
+    names = ["load_balance"] + [name for name in ("modality_load_balance", "z_loss", "local_entropy",
+                                                  "global_entropy", "entropy_floor", "min_utilization",
+                                                  "matched_utilization") if getattr(cfg, f"{name}_coef")]
+    return zero, {name: zero for name in names}

@@ -52,6 +52,24 @@ class RoutingStats:
 
 
 @dataclass
+class Selection:
+    """Result of `ModalityRouter.select`, all [S, K]: each token's top-k experts before capacity."""
+
+    chosen: Tensor  # int64 expert ids, best first
+    probs: Tensor  # fp32 router probability of each chosen expert
+    valid: Tensor  # bool: False for routes beyond the token's own k (modalities with a smaller top-k)
+
+
+@dataclass
+class SlotAssignment:
+    """Result of `ModalityRouter.assign_slots`, all [S, K] except `capacity`."""
+
+    keep: Tensor  # bool: the route has a slot (valid and within its group's capacity)
+    slot: Tensor  # int64 position in the expert's dispatch buffer (0 where not kept)
+    capacity: int  # slots per expert in the dispatch buffer (agreed across the ep group)
+
+
+@dataclass
 class Routing:
     """Where each (route, token) goes. Routes are the k dimension: [K, S] like DeepSpeed's gate."""
 
@@ -159,26 +177,67 @@ class ModalityRouter(nn.Module):
 
     # -- routing ------------------------------------------------------------------------------
     def route(self, x: Tensor, modality_ids: Tensor) -> Routing:
-        """Route tokens x [S, d] with modality ids [S]."""
+        """Route tokens x [S, d] with modality ids [S].
+
+        Three named steps: `select` (each token's top-k experts inside its pool), `assign_slots`
+        (capacity: which routes keep a slot of their expert's buffer, and where), and
+        `combine_weights` (the gates of the kept routes). The aux losses and the statistics
+        look at the selection before capacity, as DeepSpeed's gates do.
+
+        Args:
+            x: [S, d] token representations (any float dtype; routing runs in fp32). S may be 0.
+            modality_ids: [S] integer modality ids (index into `cfg.modalities`).
+        Returns:
+            `Routing` with [K, S] expert indices, slots and combine weights (K = largest top-k).
+        """
         cfg = self.cfg
-        S, E, K = x.shape[0], cfg.num_experts, cfg.max_top_k
+        S = x.shape[0]
         modality_ids = self.check_modality_ids(modality_ids, S)
         logits = self.compute_logits(x, modality_ids)
         probs = torch.softmax(logits, dim=-1)
-        top_probs, chosen = probs.topk(K, dim=-1)  # [S, K]
         token_k = self.routing_tables(x.device)[1][modality_ids]  # [S]
-        valid = torch.arange(K, device=x.device)[None] < token_k[:, None]
+        picked = self.select(logits, probs, token_k)
+        aux_loss, aux_losses = router_aux_losses(cfg, logits, probs, picked.chosen, token_k, modality_ids)
+        modality_counts = torch.bincount(modality_ids, minlength=cfg.num_modalities).tolist()
+        slots = self.assign_slots(picked, modality_ids, modality_counts)
+        gates = self.combine_weights(picked.probs, slots.keep, token_k)
+        expert_index = torch.where(slots.keep, picked.chosen, -1)
+        stats = self._stats(probs, picked.chosen, picked.valid, slots.keep, modality_ids, modality_counts)
+        return Routing(expert_index.t().contiguous(), slots.slot.t().contiguous(), gates.t().contiguous(),
+                       slots.capacity, logits, aux_loss, aux_losses, stats)
 
-        aux_loss, aux_losses = router_aux_losses(cfg, logits, probs, chosen, token_k, modality_ids)
+    def select(self, logits: Tensor, probs: Tensor, token_k: Tensor) -> Selection:
+        """Each token's top-k experts (its own k from `token_k` [S]; K = the largest k).
 
-        # Order routes within each (expert, slot group) by the drop policy's priority.
+        Ranked by logit, not by probability: a probability can underflow to exactly 0 for an
+        expert of the pool, where it would tie with the experts masked out of the pool (also 0),
+        whereas masked logits are -inf and every in-pool logit is finite. Softmax is monotonic, so
+        this is DeepSpeed's choice wherever probabilities do not tie.
+        """
+        K = self.cfg.max_top_k
+        chosen = logits.topk(K, dim=-1).indices  # [S, K]
+        valid = torch.arange(K, device=logits.device)[None] < token_k[:, None]
+        return Selection(chosen, probs.gather(1, chosen), valid)
+
+    def assign_slots(self, picked: Selection, modality_ids: Tensor, modality_counts: list[int]) -> SlotAssignment:
+        """Capacity: rank the routes of each (expert, slot group) by the drop policy, keep the
+        first `limit` of them, and give each kept route its slot in the dispatch buffer.
+
+        Slot groups: one per modality with per-modality capacity (each owns a contiguous block of
+        every expert's slots), else one shared group. Invalid routes sort into a sentinel group
+        and never take a slot.
+        """
+        cfg = self.cfg
+        chosen, top_probs, valid = picked.chosen, picked.probs, picked.valid
+        S, K = chosen.shape
+        E, device = cfg.num_experts, chosen.device
         groups = cfg.num_modalities if cfg.per_modality_capacity else 1
         group = modality_ids if groups > 1 else torch.zeros_like(modality_ids)
         key = torch.where(valid, chosen * groups + group[:, None], E * groups)  # invalid -> sentinel
         if cfg.drop_policy == "position":  # first choices first, then token order (DeepSpeed top-2)
-            priority = (torch.arange(K, device=x.device)[None] * S + torch.arange(S, device=x.device)[:, None]).float()
+            priority = (torch.arange(K, device=device)[None] * S + torch.arange(S, device=device)[:, None]).float()
         elif cfg.drop_policy == "random":  # random token selection (DeepSpeed top-1 use_rts)
-            priority = -torch.rand(S, E, device=x.device).gather(1, chosen) if cfg.drop_tokens else top_probs
+            priority = -torch.rand(S, E, device=device).gather(1, chosen) if cfg.drop_tokens else top_probs
         else:  # "probs": most confident routes first (DeepSpeed top-k)
             priority = -top_probs
         flat_key = key.reshape(-1)
@@ -187,24 +246,25 @@ class ModalityRouter(nn.Module):
         group_load = torch.bincount(flat_key, minlength=E * groups + 1)
         starts = torch.cumsum(group_load, 0) - group_load
         position = torch.empty_like(flat_key)
-        position[order] = torch.arange(flat_key.numel(), device=x.device) - starts[flat_key[order]]
+        position[order] = torch.arange(flat_key.numel(), device=device) - starts[flat_key[order]]
         position = position.view(S, K)
 
-        modality_counts = torch.bincount(modality_ids, minlength=cfg.num_modalities).tolist()
         limits, layout = self._slot_limits(modality_counts, S, group_load[:-1])
-        offsets = torch.tensor([0] + layout[:-1], device=x.device).cumsum(0)
-        limit_of_route = torch.tensor(limits, device=x.device)[group][:, None]
+        offsets = torch.tensor([0] + layout[:-1], device=device).cumsum(0)
+        limit_of_route = torch.tensor(limits, device=device)[group][:, None]
         keep = valid & (position < limit_of_route)
-
-        gates = top_probs * keep
-        normalise = (token_k > 1)[:, None]  # k=1 keeps the raw probability (Switch), k>1 renormalises
-        gates = torch.where(normalise, gates / gates.sum(-1, keepdim=True).clamp(min=torch.finfo(gates.dtype).eps), gates)
-        expert_index = torch.where(keep, chosen, -1)
         slot = torch.where(keep, position + offsets[group][:, None], 0)
+        # At least one slot: DeepSpeed reshapes the buffer with -1, which fails on 0 elements.
+        return SlotAssignment(keep, slot, max(int(sum(layout)), 1))
 
-        stats = self._stats(probs, chosen, valid, keep, modality_ids, modality_counts)
-        return Routing(expert_index.t().contiguous(), slot.t().contiguous(), gates.t().contiguous(),
-                       int(sum(layout)), logits, aux_loss, aux_losses, stats)
+    @staticmethod
+    def combine_weights(top_probs: Tensor, keep: Tensor, token_k: Tensor) -> Tensor:
+        """[S, K] gates: k = 1 keeps the raw probability (Switch); k > 1 renormalises the kept
+        routes' probabilities to sum to 1 (DeepSpeed's top-2/top-k gates)."""
+        gates = top_probs * keep
+        normalise = (token_k > 1)[:, None]
+        denominator = gates.sum(-1, keepdim=True).clamp(min=torch.finfo(gates.dtype).eps)
+        return torch.where(normalise, gates / denominator, gates)
 
     @torch.no_grad()
     def _stats(self, probs, chosen, valid, keep, modality_ids, modality_counts) -> RoutingStats:

@@ -1,0 +1,289 @@
+"""Mutation check: apply one-line bugs to a copy of the tree and see which ones the tests miss.
+
+Each mutation replaces one exact line fragment in one source file of a private copy of the
+repository, then runs the small test subset that should see it. A mutation "survives" when those
+tests still pass. Nothing in the working tree is modified.
+
+    python tools/mutation_check.py                       # current code, current tests ("after")
+    python tools/mutation_check.py --tests-from-ref HEAD # current code, tests/ as at HEAD ("before")
+    python tools/mutation_check.py --only zloss_axis,bias_other_row --jobs 2
+    python tools/mutation_check.py --verify-only         # every mutation still applies (no tests run)
+
+Prints a table and, last, one JSON line: {"survivors": [...], "killed": [...], ...}.
+Exit status: 0 when the check ran (whatever survived), 1 when a mutation no longer applies or a
+baseline (unmutated) test run fails, 2 on bad arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+ROUTING = ["tests/test_routing.py", "tests/test_routing_edges.py"]
+LOSSES = ["tests/test_aux_losses.py"]
+EP = ["tests/test_expert_parallel.py"]
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """Replace `old` (must occur exactly once in `path`) by `new`, then run `tests` (-k `select`)."""
+
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: list[str]
+    select: str | None = None
+    why: str = ""
+
+
+MUTATIONS = [
+    # The bugs issue 11 names.
+    Mutation("capacity_one_short", "mmoe_ds/moe/router.py",
+             "_capacity(n, len(pool), f * k, cfg.min_capacity) if n else 0",
+             "_capacity(n, len(pool), f * k, cfg.min_capacity) - 1 if n else 0", ROUTING,
+             why="per-modality capacity one slot too small"),
+    Mutation("bias_other_row", "mmoe_ds/moe/router.py",
+             "logits = logits + self.modality_bias.float()[modality_ids]",
+             "logits = logits + self.modality_bias.float()[1 - modality_ids]", ROUTING,
+             why="the other modality's bias row added"),
+    Mutation("jitter_never", "mmoe_ds/moe/router.py",
+             "if self.training and cfg.jitter_eps > 0:", "if self.training and cfg.jitter_eps > 1:", ROUTING,
+             why="router jitter never applied in training"),
+    Mutation("zloss_axis", "mmoe_ds/moe/losses.py",
+             "return torch.logsumexp(logits, dim=-1).square().mean()",
+             "return torch.logsumexp(logits, dim=0).square().mean()", LOSSES,
+             why="z-loss logsumexp over the token axis"),
+    Mutation("experts_seeded_by_local_id", "mmoe_ds/model/modeling_mmoe.py",
+             "global_id = ep_rank * len(experts) + local_id", "global_id = local_id", EP,
+             select="seeded", why="every EP rank starts with the same experts"),
+    Mutation("pool_table_ignores_pools", "mmoe_ds/moe/router.py",
+             "pool_mask[m, list(pool)] = True", "pool_mask[m, :] = True", ROUTING,
+             why="router's own pool table wrong (a test reading that table cannot see it)"),
+    Mutation("k1_renormalised_ep_only", "mmoe_ds/moe/router.py",
+             "normalise = (token_k > 1)[:, None]", "normalise = (token_k > 0)[:, None]", EP,
+             select="ep2_equals", why="a routing bug shared by all three EP paths, seen by the EP test alone"),
+    # Issue 11 items 2-4, reverted.
+    Mutation("entropy_xlogy", "mmoe_ds/moe/losses.py",
+             "return -(p * torch.log(p.clamp(min=torch.finfo(p.dtype).tiny))).sum(-1)",
+             "return -torch.special.xlogy(p, p).sum(-1)", ROUTING + LOSSES, why="NaN gradient at p = 0"),
+    Mutation("select_over_probs", "mmoe_ds/moe/router.py",
+             "chosen = logits.topk(K, dim=-1).indices", "chosen = probs.topk(K, dim=-1).indices", ROUTING,
+             why="underflowed in-pool expert ties with masked ones"),
+    Mutation("no_empty_batch_guard", "mmoe_ds/moe/losses.py",
+             "if probs.shape[0] == 0:", "if probs.shape[0] < 0:", ROUTING, why="NaN aux loss on 0 tokens"),
+    # More one-line bugs.
+    Mutation("position_token_major", "mmoe_ds/moe/router.py",
+             "priority = (torch.arange(K, device=device)[None] * S + torch.arange(S, device=device)[:, None]).float()",
+             "priority = (torch.arange(K, device=device)[None] + torch.arange(S, device=device)[:, None] * K).float()",
+             ROUTING, why="position policy: token order before first choices"),
+    Mutation("load_balance_counts_second_choice", "mmoe_ds/moe/losses.py",
+             "first_only = (top_k == 2)[:, None] & (k_slots[None] > 0)",
+             "first_only = (top_k == 2)[:, None] & (k_slots[None] > 1)", ROUTING + LOSSES,
+             why="top-2 balance loss counts second choices (DeepSpeed counts first only)"),
+    Mutation("stats_kept_counts_valid", "mmoe_ds/moe/router.py",
+             "kept = torch.bincount(flat, weights=keep.reshape(-1).float()",
+             "kept = torch.bincount(flat, weights=valid.reshape(-1).float()", ROUTING,
+             why="statistics count dropped routes as kept"),
+    Mutation("slot_without_group_offset", "mmoe_ds/moe/router.py",
+             "slot = torch.where(keep, position + offsets[group][:, None], 0)",
+             "slot = torch.where(keep, position, 0)", ROUTING, why="per-modality slot blocks overlap"),
+    Mutation("modality_balance_pool_size", "mmoe_ds/moe/losses.py",
+             "pool_sizes = probs.new_tensor([len(p) for p in cfg.pool_members])",
+             "pool_sizes = probs.new_tensor([cfg.num_experts for p in cfg.pool_members])", ROUTING + LOSSES,
+             why="modality balance scaled by E instead of the pool size"),
+    Mutation("global_entropy_tau_all_experts", "mmoe_ds/moe/losses.py",
+             "else math.log(len(p))", "else math.log(cfg.num_experts)", ROUTING + LOSSES,
+             why="default global-entropy threshold ignores the pool"),
+    Mutation("eval_uses_train_capacity", "mmoe_ds/moe/router.py",
+             "cf = cfg.capacity_factor_per_modality if self.training else cfg.eval_capacity_factor_per_modality",
+             "cf = cfg.capacity_factor_per_modality", ROUTING, why="eval_capacity_factor ignored"),
+    Mutation("min_capacity_ignored", "mmoe_ds/moe/router.py",
+             "return max(int(capacity), min_capacity)", "return int(capacity)", ROUTING,
+             why="min_capacity ignored"),
+    Mutation("modality_id_bound", "mmoe_ds/moe/router.py",
+             "in_range = ((modality_ids >= 0) & (modality_ids < M)).all()",
+             "in_range = ((modality_ids >= 0) & (modality_ids <= M)).all()", ROUTING,
+             why="an out-of-range modality id accepted"),
+]
+
+
+@dataclass
+class Outcome:
+    mutation: Mutation
+    status: str  # killed | survived | no tests | error
+    seconds: float
+    detail: str = ""
+    tests: list[str] = field(default_factory=list)
+
+
+def make_copy(dest: Path, tests_from_ref: str | None) -> None:
+    """The working tree's code (tracked and untracked, not ignored) under `dest`; tests/ from `ref`."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
+                           capture_output=True).stdout.decode().split("\0")
+    for rel in filter(None, files):
+        src = REPO / rel
+        if not src.is_file():
+            continue  # deleted in the working tree
+        if tests_from_ref and rel.startswith("tests/"):
+            continue
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, target)
+    if tests_from_ref:
+        archive = subprocess.run(["git", "archive", "--format=tar", tests_from_ref, "tests"], cwd=REPO, check=True,
+                                 capture_output=True).stdout
+        with tarfile.open(fileobj=BytesIO(archive)) as tar:
+            tar.extractall(dest, filter="data")
+
+
+def check_applies(root: Path, m: Mutation) -> str | None:
+    """None when `m.old` occurs exactly once in its file, else why not."""
+    path = root / m.path
+    if not path.is_file():
+        return f"{m.path} does not exist"
+    count = path.read_text().count(m.old)
+    return None if count == 1 else f"{m.path}: {count} occurrences of {m.old!r} (need exactly 1)"
+
+
+def pytest_command(root: Path, tests: list[str], select: str | None) -> list[str] | None:
+    present = [t for t in tests if (root / t).is_file()]
+    if not present:
+        return None
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--hypothesis-seed=0", *present]
+    return cmd + (["-k", select] if select else [])
+
+
+def run_tests(root: Path, cmd: list[str], timeout: int) -> tuple[int, str]:
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+               PYTHONDONTWRITEBYTECODE="1")
+    try:
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return -1, "timeout"
+    tail = (proc.stdout.strip().splitlines() or [""])[-1]
+    return proc.returncode, tail
+
+
+def run_mutation(root: Path, m: Mutation, timeout: int) -> Outcome:
+    cmd = pytest_command(root, m.tests, m.select)
+    if cmd is None:
+        return Outcome(m, "no tests", 0.0, "none of its test files exist")
+    path = root / m.path
+    pristine = path.read_text()
+    start = time.monotonic()
+    try:
+        path.write_text(pristine.replace(m.old, m.new, 1))
+        rc, tail = run_tests(root, cmd, timeout)
+    finally:
+        path.write_text(pristine)
+    seconds = time.monotonic() - start
+    # pytest: 0 all passed, 1 some failed, 5 nothing selected; anything else broke the run.
+    status = {0: "survived", 1: "killed", 5: "no tests"}.get(rc, "killed" if rc in (2, 3, 4) else "error")
+    return Outcome(m, status, seconds, tail, [a for a in cmd if a.startswith("tests/")])
+
+
+def baselines(roots: list[Path], mutations: list[Mutation], timeout: int) -> dict[tuple, str]:
+    """Unmutated run of each distinct test subset: a failing baseline makes its mutations meaningless."""
+    failures = {}
+    subsets = sorted({(tuple(m.tests), m.select) for m in mutations}, key=str)
+
+    def one(i_subset):
+        i, (tests, select) = i_subset
+        root = roots[i % len(roots)]
+        cmd = pytest_command(root, list(tests), select)
+        if cmd is None:
+            return (tests, select), 0, "no tests"
+        rc, tail = run_tests(root, cmd, timeout)
+        return (tests, select), rc, tail
+
+    with ThreadPoolExecutor(len(roots)) as pool:
+        for key, rc, tail in pool.map(one, enumerate(subsets)):
+            if rc not in (0, 5):
+                failures[key] = f"rc={rc}: {tail}"
+    return failures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tests-from-ref", metavar="REF", help="take tests/ from this git ref (e.g. HEAD) instead of "
+                        "the working tree: measures the old suite against the same mutations")
+    parser.add_argument("--only", help="comma-separated mutation names")
+    parser.add_argument("--jobs", type=int, default=1, help="mutations run in parallel, one tree copy each")
+    parser.add_argument("--timeout", type=int, default=600, help="seconds per test run")
+    parser.add_argument("--list", action="store_true", help="list the mutations and exit")
+    parser.add_argument("--verify-only", action="store_true", help="check every mutation applies; run no tests")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated runs of each test subset")
+    args = parser.parse_args(argv)
+
+    mutations = MUTATIONS
+    if args.only:
+        wanted = args.only.split(",")
+        unknown = sorted(set(wanted) - {m.name for m in MUTATIONS})
+        if unknown:
+            parser.error(f"--only: unknown mutations {unknown}; see --list")
+        mutations = [m for m in MUTATIONS if m.name in wanted]
+    if args.list:
+        for m in mutations:
+            print(f"{m.name:36s} {m.path}: {m.why}")
+        return 0
+    if args.jobs < 1:
+        parser.error("--jobs must be >= 1")
+
+    not_applying = [f"{m.name}: {why}" for m in mutations if (why := check_applies(REPO, m))]
+    if not_applying:
+        print("mutations that no longer apply (update tools/mutation_check.py):\n  " + "\n  ".join(not_applying))
+        return 1
+    if args.verify_only:
+        print(f"all {len(mutations)} mutations apply")
+        return 0
+
+    with tempfile.TemporaryDirectory(prefix="mutation_check_") as tmp:
+        roots = [Path(tmp) / f"copy{i}" for i in range(args.jobs)]
+        for root in roots:
+            make_copy(root, args.tests_from_ref)
+        started = time.monotonic()
+        failed_baselines = {} if args.no_baseline else baselines(roots, mutations, args.timeout)
+        for key, why in failed_baselines.items():
+            print(f"baseline failed for {list(key[0])} -k {key[1]}: {why}")
+
+        def work(i_m):
+            i, m = i_m
+            if (tuple(m.tests), m.select) in failed_baselines:
+                return Outcome(m, "error", 0.0, "baseline fails")
+            return run_mutation(roots[i % args.jobs], m, args.timeout)
+
+        # Each worker owns one copy: worker w takes mutations w, w + jobs, ...
+        chunks = [[(i, m) for i, m in enumerate(mutations) if i % args.jobs == w] for w in range(args.jobs)]
+        with ThreadPoolExecutor(args.jobs) as pool:
+            outcomes = [o for chunk in pool.map(lambda c: [work(x) for x in c], chunks) for o in chunk]
+        outcomes.sort(key=lambda o: mutations.index(o.mutation))
+        total = time.monotonic() - started
+
+    label = f"tests from {args.tests_from_ref}" if args.tests_from_ref else "working-tree tests"
+    print(f"\nmutation check ({label}), {len(outcomes)} mutations, {total:.0f} s")
+    print(f"{'mutation':36s} {'status':9s} {'s':>5s}  tests")
+    for o in outcomes:
+        print(f"{o.mutation.name:36s} {o.status:9s} {o.seconds:5.0f}  {' '.join(o.tests) or '-'}"
+              f"{'  -k ' + o.mutation.select if o.mutation.select else ''}  | {o.detail}")
+    survivors = [o.mutation.name for o in outcomes if o.status in ("survived", "no tests")]
+    print(json.dumps({"tests": label, "mutations": len(outcomes), "survivors": survivors,
+                      "killed": [o.mutation.name for o in outcomes if o.status == "killed"],
+                      "errors": [o.mutation.name for o in outcomes if o.status == "error"],
+                      "seconds": round(total)}))
+    return 1 if failed_baselines else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
