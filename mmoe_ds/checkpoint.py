@@ -18,11 +18,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .atomic import atomic_open, atomic_write_text
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+__all__ = ["atomic_write_text", "checkpoint_dir", "latest_tag", "resume", "rng_state", "save", "set_rng_state"]
 
 
 def rng_state() -> dict:
@@ -58,8 +56,8 @@ def save(engine, output_dir: str, step: int, meta: dict, rank_state: dict, keep_
     tag = f"step{step:08d}"
     rank = dist.get_rank()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
-    torch.save(rank_state, ckpt_dir / tag / f".rank{rank}_state.pt.tmp")
-    os.replace(ckpt_dir / tag / f".rank{rank}_state.pt.tmp", ckpt_dir / tag / f"rank{rank}_state.pt")
+    with atomic_open(ckpt_dir / tag / f"rank{rank}_state.pt", "wb") as f:
+        torch.save(rank_state, f)
     dist.barrier()
     if rank == 0:
         atomic_write_text(ckpt_dir / tag / "meta.json", json.dumps(dict(meta, step=step, tag=tag), indent=1))

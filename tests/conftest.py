@@ -16,3 +16,11 @@ def small_dataset(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "embedded"
     assert prepare(["--small", "--out", str(out), "--samples-per-shard", "100", "--max-length", "48"]) == 0
     return out
+
+
+def pytest_report_header(config):
+    """Name the CPU in the session header: fp16/bf16 cases run or skip depending on it (see -rs)."""
+    from dtype_support import cpu_model
+
+    return [f"cpu: {cpu_model()} ({os.cpu_count()} cores); fp16/bf16 cases skip where DeepSpeed's accelerator "
+            "lacks them (pytest -rs lists the skips)"]

@@ -10,6 +10,7 @@ import torch
 
 from mmoe_ds.model import MmoeConfig, MmoeForCausalLM
 from mmoe_ds.recipe import Recipe, load_ds_config, validate_launch
+from mmoe_ds.teardown import exit_process
 
 
 def main(names: list[str]) -> None:
@@ -35,7 +36,8 @@ def main(names: list[str]) -> None:
             results[name] = f"ok {next(engine.module.parameters()).dtype}" if ok else "non-finite loss"
         except Exception as e:  # reported per config, so one failure does not hide the others
             results[name] = f"{type(e).__name__}: {e}"
-    print("RESULTS " + json.dumps(results))
+    print("RESULTS " + json.dumps(results), flush=True)
+    exit_process(0)  # tear gloo down before the interpreter does (see mmoe_ds/teardown.py)
 
 
 if __name__ == "__main__":

@@ -1,27 +1,133 @@
-"""Start a script on 2 CPU processes with the real `deepspeed` launcher (gloo backend)."""
+"""Start a script on 2 CPU processes with the real `deepspeed` launcher (gloo backend).
+
+The launcher's and the workers' stdout and stderr are captured as one stream, in the order they
+were written, so a failure shows what each worker printed just before it.
+"""
 from __future__ import annotations
 
 import os
+import random
 import socket
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A TCP port on 127.0.0.1 that is free now and that the kernel does not hand out by itself.
+
+    Asking the kernel for port 0 and passing the number on races: until the worker binds it, the
+    kernel may give the same ephemeral port to another process's `bind(0)` or outgoing connection
+    (every gloo connection takes one). A port below the ephemeral range is only ever taken by
+    someone naming it, so this picks a random one there that binds now.
+    """
+    low, _ = _ephemeral_range()
+    candidates = list(range(20000, low)) if low > 21000 else []
+    random.shuffle(candidates)
+    for port in candidates[:200]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no room below the ephemeral range: fall back to the kernel's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def deepspeed_launch(script_args: list[str], num_procs: int = 2, timeout: int = 600, module: bool = False) -> subprocess.CompletedProcess:
+@dataclass(frozen=True)
+class LaunchResult:
+    """One run of the deepspeed launcher.
+
+    Attributes:
+        cmd: the command line.
+        returncode: the launcher's exit status (a worker killed by signal N shows as 256 - N).
+        output: launcher and worker stdout + stderr, interleaved as written.
+        seconds: wall time.
+    """
+
+    cmd: list[str]
+    returncode: int
+    output: str
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+    def failure_message(self, tail_chars: int = 12000) -> str:
+        status = self.returncode
+        signal_note = f" (a worker died of signal {256 - status})" if 128 < status < 256 else ""
+        return (f"deepspeed launch failed with exit status {status}{signal_note} after {self.seconds:.0f} s: "
+                f"{' '.join(self.cmd)}\n--- launcher and worker output (last {tail_chars} chars) ---\n"
+                f"{self.output[-tail_chars:]}")
+
+
+def launch(script_args: list[str], num_procs: int = 2, timeout: int = 600, module: bool = False) -> LaunchResult:
+    """Run `script_args` under `python -m deepspeed.launcher.runner --num_gpus num_procs` on the CPU.
+
+    Args:
+        script_args: the script (or module, with `module=True`) and its arguments.
+        num_procs: processes to start.
+        timeout: seconds before the launcher is killed (the result then has returncode -9).
+    Returns:
+        a LaunchResult; never raises for a failed launch.
+    """
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
                HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_procs),
            "--master_port", str(free_port())] + (["--module"] if module else []) + script_args
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"deepspeed launch failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
-    return proc
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)  # the launcher and its workers
+        output, _ = proc.communicate()
+        output += f"\n[launch_util] killed after the {timeout} s timeout"
+    return LaunchResult(cmd, proc.returncode, output, time.monotonic() - start)
+
+
+def deepspeed_launch(script_args: list[str], num_procs: int = 2, timeout: int = 600, module: bool = False) -> LaunchResult:
+    """`launch`, raising AssertionError with the launcher's and workers' output if it failed."""
+    result = launch(script_args, num_procs, timeout, module)
+    if not result.ok:
+        raise AssertionError(result.failure_message())
+    return result
+
+
+@dataclass(frozen=True)
+class SharedLaunch:
+    """One launch whose results several tests read (a module-scoped fixture's value).
+
+    A failed launch is reported once, by the test named `reported_by` (call `check()` there);
+    every other test calls `require()` and is skipped with a pointer to it, instead of repeating
+    the same error once per test.
+    """
+
+    result: LaunchResult
+    reported_by: str
+
+    def check(self) -> None:
+        if not self.result.ok:
+            pytest.fail(self.result.failure_message(), pytrace=False)
+
+    def require(self) -> None:
+        if not self.result.ok:
+            pytest.skip(f"the launch failed (exit status {self.result.returncode}); see {self.reported_by}")

@@ -200,7 +200,8 @@ def test_moe_layer_grouped_equals_loop(mode, drop, kernel_calls):
             assert rel(a, b) <= 1e-5, name
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (bf16 grouped kernel)")
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()),
+                    reason="needs a GPU with bf16 (the bf16 grouped kernel)")
 def test_grouped_equals_loop_bf16_cuda():
     torch.manual_seed(4)
     experts = LocalExperts(E, 256, 512).cuda().bfloat16()
