@@ -16,12 +16,14 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	$(PY) -m pip install -q -c requirements/constraints.txt -e ".[train,test]"
 	touch $(STAMP)
 
-# Real offline data from Debian (Fashion-MNIST, WordNet glosses); the build falls back without them.
+# Real offline data from Debian (Fashion-MNIST, WordNet glosses, Noto Color Emoji); the build falls back without them.
+SYSTEM_DATA_PACKAGES = dataset-fashion-mnist wordnet-base fonts-noto-color-emoji
 system-data:
-	@if [ ! -d /usr/share/datasets/fashion-mnist ] || [ ! -d /usr/share/wordnet ]; then \
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] || [ ! -d /usr/share/wordnet ] || \
+	    [ ! -f /usr/share/fonts/truetype/noto/NotoColorEmoji.ttf ]; then \
 	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
-	    (apt-get install -y -q dataset-fashion-mnist wordnet-base >/dev/null 2>&1 || \
-	     (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist wordnet-base >/dev/null 2>&1)) \
+	    (apt-get install -y -q $(SYSTEM_DATA_PACKAGES) >/dev/null 2>&1 || \
+	     (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q $(SYSTEM_DATA_PACKAGES) >/dev/null 2>&1)) \
 	    || echo "note: Debian data packages unavailable; using the fallback sources"; \
 	  else echo "note: not root or no apt-get; using the fallback sources"; fi; fi
 
@@ -29,4 +31,4 @@ demo: $(STAMP) system-data
 	bash launch/demo.sh
 
 test: $(STAMP) system-data
-	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -rs

@@ -10,7 +10,10 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "prepare": ("mmoe_ds.data.prepare", "write WebDataset shards (embedded dataset, image folder, HF dataset)"),
+    "prepare": ("mmoe_ds.data.prepare", "write WebDataset shards (embedded dataset, image folder, HF datasets, text "
+                                        "files, emoji)"),
+    "index": ("mmoe_ds.data.index", "build a manifest for existing WebDataset shards (local, brace patterns, pipe:, "
+                                    "URLs) without rewriting them"),
     "train": ("mmoe_ds.train", "train from a recipe and a DeepSpeed config (use the deepspeed launcher)"),
     "export": ("mmoe_ds.export", "gather a DeepSpeed checkpoint (any ep_size) into one HF folder"),
     "caption": ("mmoe_ds.caption", "caption images with an exported model"),

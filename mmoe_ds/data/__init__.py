@@ -1,7 +1,8 @@
-"""Data: embedded real dataset, WebDataset shards, processor, modality-balanced loader."""
+"""Data: the embedded real dataset, WebDataset shards, the processor and the modality-balanced loader."""
+from .captions import CLASS_NAMES, class_caption, class_captions
 from .loader import BalancedLoader, LoaderConfig
 from .processor import MmoeProcessor
-from .schema import SAMPLE_KINDS
-from .sources import CLASS_NAMES, class_caption
+from .schema import BATCH_KEYS, SAMPLE_KINDS, SKIP_REASONS
 
-__all__ = ["BalancedLoader", "LoaderConfig", "MmoeProcessor", "SAMPLE_KINDS", "CLASS_NAMES", "class_caption"]
+__all__ = ["BalancedLoader", "LoaderConfig", "MmoeProcessor", "SAMPLE_KINDS", "SKIP_REASONS", "BATCH_KEYS",
+           "CLASS_NAMES", "class_caption", "class_captions"]

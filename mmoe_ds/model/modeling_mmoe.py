@@ -144,6 +144,12 @@ class MmoeModel(MmoePreTrainedModel):
         h = self.embed_tokens(input_ids)
         image_positions = modality_ids == IMAGE
         if pixel_patches is not None and bool(image_positions.any()):
+            if pixel_patches.shape[-1] != self.config.patch_dim:
+                c = self.config
+                raise ValueError(f"pixel_patches hold {pixel_patches.shape[-1]} values per patch but this model takes "
+                                 f"{c.patch_dim} (num_channels={c.num_channels} x patch_size={c.patch_size}^2); use "
+                                 f"the processor saved with the model, or prepare the data with --image-size "
+                                 f"{c.image_size} --patch-size {c.patch_size} --channels {c.num_channels}.")
             with_image = image_positions.any(1)
             patches = self.patch_embed(pixel_patches[with_image].to(h.dtype))  # [B_img, P, d]
             if patches.shape[0] * patches.shape[1] != int(image_positions.sum()):
