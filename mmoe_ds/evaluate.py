@@ -1,38 +1,155 @@
-"""Held-out evaluation during training: caption loss, text perplexity, zero-shot caption ranking.
+"""Held-out evaluation during training, adapted to what the prepared data serves (`EvalPlan`):
 
-Every rank runs the same number of forward passes (expert parallelism all-to-alls inside each
-MoE layer need all ranks in step); results are summed over ranks. Routing statistics of the
-evaluation passes feed the routing report.
+- `caption_loss`: mean caption cross-entropy on validation image+text pairs;
+- `text_ppl`: perplexity on validation text-only samples (only when the data has them);
+- `retrieval_r1`, `retrieval_r5` (over `retrieval_candidates` captions, `retrieval_queries` images):
+  zero-shot image->text retrieval among the test split's own captions, for any image-caption data.
+  N test pairs with distinct captions; each image ranks all N captions by the caption's
+  log-likelihood given the image (`caption_scores`); a hit at k when its own caption is among
+  the k best (ties count against it);
+- `caption_rank_acc` (+ `caption_rank_chance`): zero-shot class ranking of labelled test images
+  among their classes' captions, only for the labelled embedded sources.
+
+Evaluation runs in three phases so that a failure does not leave ranks out of step (the trainer
+drives them, see `Trainer.evaluate`): `prepare` (local: reads data, encodes every batch), `forward`
+(every rank the same number of forward passes, because expert parallelism's all-to-alls need
+all ranks in step; returns this rank's sums as a fixed-length list), `finish` (sums over ranks
+-> metrics; routing statistics of the passes feed the routing report). Everything that can fail
+on one rank alone (data, decoding, encoding) happens in `prepare`; a rank failing inside a forward
+pass (e.g. out of memory) leaves the others waiting in its all-to-all until the collective times
+out, which is why the trainer writes a step's checkpoint before evaluating it.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 
-from .data_glue import make_eval_loader, ranking_set
+from .data.captions import class_captions
 from .moe.router import RoutingStats
+from .recipe_data import EvalPlan, make_eval_loader, sample_test_set
 from .report import write_routing_report
+
+SUM_NAMES = ("caption_sum", "caption_tokens", "text_sum", "text_tokens", "retrieval_r1", "retrieval_r5",
+             "retrieval_queries", "rank_correct", "rank_images")
+ScoreFn = Callable[[Sequence, Sequence[str]], torch.Tensor]  # (images, captions) -> [images, captions] scores
+
+
+def ranks_of_truth(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[Q] rank (1 = best) of each query's true candidate among scores [Q, N]; ties count against it."""
+    true = scores.gather(1, targets.long()[:, None])
+    return (scores >= true).sum(1)
+
+
+def retrieval_hits(score_fn: ScoreFn, images: Sequence, targets: Sequence[int], candidates: Sequence[str],
+                   ks: Sequence[int] = (1, 5), images_per_forward: int = 4) -> list[int]:
+    """How many of `images` rank their true candidate (`targets[i]` indexes `candidates`) within
+    the top k, for each k; `score_fn` is called on chunks of `images_per_forward` images."""
+    hits = [0] * len(ks)
+    for start in range(0, len(images), images_per_forward):
+        chunk = list(images[start:start + images_per_forward])
+        scores = score_fn(chunk, list(candidates)).float().cpu()
+        ranks = ranks_of_truth(scores, torch.as_tensor(list(targets[start:start + len(chunk)])))
+        for i, k in enumerate(ks):
+            hits[i] += int((ranks <= k).sum())
+    return hits
+
+
+@dataclass
+class ScoringSet:
+    """Query images, the index of each one's true candidate, and the candidate captions."""
+    images: list
+    targets: list[int]
+    candidates: list[str]
+
+    def rank_slice(self, rank: int, world_size: int) -> "ScoringSet":
+        """Rank's equal share of the queries (the remainder is left out: equal forwards on every rank)."""
+        n = len(self.images) // world_size
+        lo = rank * n
+        return ScoringSet(self.images[lo:lo + n], self.targets[lo:lo + n], self.candidates)
+
+
+def retrieval_set(data_dir: str, n: int, seed: int) -> ScoringSet:
+    """n test image+caption pairs with distinct captions, spread over the test split: image i's
+    true candidate is caption i."""
+    samples = sample_test_set(data_dir, n, seed, distinct_captions=True)
+    return ScoringSet([s.image for s in samples], list(range(len(samples))), [s.caption for s in samples])
+
+
+def class_rank_set(data_dir: str, source: str, n: int, seed: int) -> ScoringSet:
+    """n labelled test images of `source`; candidates are its classes' canonical captions."""
+    samples = [s for s in sample_test_set(data_dir, n, seed, source=source) if isinstance(s.label, int)]
+    return ScoringSet([s.image for s in samples], [s.label for s in samples], class_captions(source))
 
 
 class Evaluator:
-    def __init__(self, trainer, images_per_forward: int = 4):
-        self.trainer = trainer
-        self.images_per_forward = images_per_forward
-        self.stats: list[RoutingStats] | None = None
-        data = trainer.recipe.data
-        n_per_rank = data.ranking_images // trainer.world_size
-        self.ranking = ranking_set(data, trainer.processor, n_per_rank * trainer.world_size)
-        lo = trainer.rank * n_per_rank
-        self.rank_slice = slice(lo, lo + n_per_rank)
+    """Evaluation of a `Trainer` (engine, processor, rank, world size) under an `EvalPlan`."""
 
-    def _mean_loss(self, kind: str) -> tuple[float, float]:
+    num_sums = len(SUM_NAMES)  # length of what `forward` returns
+
+    def __init__(self, trainer, plan: EvalPlan, images_per_forward: int = 4):
+        self.trainer, self.plan, self.images_per_forward = trainer, plan, images_per_forward
+        self.stats: list[RoutingStats] | None = None  # of the evaluation in progress
+        self.report_stats: list[RoutingStats] | None = None  # of the last completed one
+        self.retrieval: ScoringSet | None = None  # this rank's share
+        self.ranking: ScoringSet | None = None
+        self.encoded: dict[str, list[list[dict]]] = {}  # "retrieval"/"ranking": per query, each candidate encoded
+        self.batches: dict[str, list[dict]] = {}
+        self._built = False
+        self._verified: set[str] = set()  # kinds whose validation shards passed the sha256 check
+
+    # -- phase 1: local --------------------------------------------------------------------------
+    def _build_sets(self) -> None:
+        t, data = self.trainer, self.trainer.recipe.data
+        seed = t.recipe.train.seed
+        if self.plan.retrieval:
+            full = retrieval_set(data.dir, data.retrieval_candidates, seed)
+            self.retrieval = full.rank_slice(t.rank, t.world_size)
+            if not self.retrieval.images:
+                t.log(f"retrieval left out: only {len(full.candidates)} distinct test captions for {t.world_size} "
+                      f"processes")
+                self.retrieval = None
+        if self.plan.class_rank_source is not None:
+            per_rank = data.ranking_images // t.world_size
+            full = class_rank_set(data.dir, self.plan.class_rank_source, per_rank * t.world_size, seed)
+            self.ranking = full.rank_slice(t.rank, t.world_size)
+        for name, scoring in (("retrieval", self.retrieval), ("ranking", self.ranking)):
+            if scoring is not None:  # encoded here, so that the forward phase has nothing left to fail on
+                self.encoded[name] = [self._encode_pairs(image, scoring.candidates) for image in scoring.images]
+        self._built = True
+
+    def _encode_pairs(self, image, captions: Sequence[str]) -> list[dict]:
+        """The image paired with every caption; the pairs share one patch array (memory: one per image)."""
+        pairs = [self.trainer.processor.encode(image, caption) for caption in captions]
+        for pair in pairs[1:]:
+            pair["patches"] = pairs[0]["patches"]
+        return pairs
+
+    def prepare(self, step: int) -> None:
+        """Read this evaluation's data (no collectives): scoring sets once, loss batches each time."""
+        t = self.trainer
+        if not self._built:
+            self._build_sets()
+        self.batches = {}
+        for on, kind in ((self.plan.caption_loss, "image_text"), (self.plan.text_ppl, "text")):
+            if on:
+                loader = make_eval_loader(t.recipe.data, t.processor, kind, t.rank, t.world_size, t.recipe.train.seed,
+                                          verify=kind not in self._verified)
+                self._verified.add(kind)
+                self.batches[kind] = [batch for _, batch in zip(range(t.recipe.data.eval_batches), loader)]
+
+    # -- phase 2: forward passes (the same number on every rank) --------------------------------------
+    def _add_stats(self, stats: list[RoutingStats]) -> None:
+        self.stats = stats if self.stats is None else [RoutingStats.merge([a, b]) for a, b in zip(self.stats, stats)]
+
+    def _loss_sums(self, kind: str) -> tuple[float, float]:
         """(sum of text CE over labelled tokens, number of labelled tokens) on this rank."""
         t = self.trainer
-        loader = make_eval_loader(t.recipe.data, t.processor, kind, t.rank, t.world_size, t.recipe.train.seed)
         total, count = 0.0, 0.0
-        for _, batch in zip(range(t.recipe.data.eval_batches), loader):
+        for batch in self.batches.get(kind, []):
             batch = t.to_device(batch)
             out = t.engine(**batch)
             n = float((batch["labels"][:, 1:] != -100).sum())
@@ -41,48 +158,67 @@ class Evaluator:
             self._add_stats(out.routing_stats)
         return total, count
 
-    def _add_stats(self, stats: list[RoutingStats]) -> None:
-        self.stats = stats if self.stats is None else [RoutingStats.merge([a, b]) for a, b in zip(self.stats, stats)]
-
-    def _ranking_correct(self) -> tuple[float, float]:
-        """Score every class caption for each image; correct if the true class scores highest."""
+    def score(self, queries: Sequence[list[dict]], captions: Sequence[str]) -> torch.Tensor:
+        """[queries, captions] log-likelihood of each caption given each query image (queries:
+        per image, its pairing with every caption, encoded by the processor in `prepare`)."""
         t = self.trainer
-        images, labels, captions = self.ranking
-        images, labels = images[self.rank_slice], labels[self.rank_slice]
-        correct = 0
-        model = t.engine.module
-        for start in range(0, len(labels), self.images_per_forward):
-            chunk = images[start:start + self.images_per_forward]
-            batch = t.processor(images=[im for im in chunk for _ in captions], texts=list(captions) * len(chunk))
-            batch = t.to_device(batch)
-            scores = model.caption_scores(batch["input_ids"], batch["pixel_patches"], batch["attention_mask"],
-                                          batch["labels"]).view(len(chunk), len(captions))
-            correct += int((scores.argmax(-1).cpu() == torch.as_tensor(labels[start:start + len(chunk)])).sum())
-        return float(correct), float(len(labels))
+        batch = t.to_device(t.processor.collate([pair for pairs in queries for pair in pairs]))
+        scores = t.engine.module.caption_scores(batch["input_ids"], batch["pixel_patches"], batch["attention_mask"],
+                                                batch["labels"])
+        return scores.view(len(queries), len(captions))
 
     @torch.no_grad()
-    def run(self, step: int) -> dict:
+    def forward(self, step: int) -> list[float]:
+        """This rank's sums, in SUM_NAMES order."""
         t = self.trainer
         t.engine.eval()
         self.stats = None
-        sums = [*self._mean_loss("image_text"), *self._mean_loss("text"), *self._ranking_correct()]
-        totals = torch.tensor(sums, dtype=torch.float64, device=t.device)
-        t.dist.all_reduce(totals)
-        for s in self.stats:  # sum counts over ranks; entropy as a token-weighted mean
+        try:
+            sums = [*self._loss_sums("image_text"), *self._loss_sums("text")]
+            r = self.retrieval
+            sums += ([*retrieval_hits(self.score, self.encoded["retrieval"], r.targets, r.candidates, (1, 5),
+                                      self.images_per_forward), float(len(r.images))]
+                     if r is not None else [0.0, 0.0, 0.0])
+            c = self.ranking
+            sums += ([*retrieval_hits(self.score, self.encoded["ranking"], c.targets, c.candidates, (1,),
+                                      self.images_per_forward), float(len(c.images))]
+                     if c is not None else [0.0, 0.0])
+        finally:
+            t.engine.train()
+        return [float(v) for v in sums]
+
+    # -- phase 3: over ranks -----------------------------------------------------------------------
+    def finish(self, totals: Sequence[float]) -> dict:
+        """Metrics from the sums over ranks (collective: routing statistics are summed too)."""
+        t = self.trainer
+        for s in self.stats or []:  # sum counts over ranks; entropy as a token-weighted mean
             entropy_sum = s.entropy * s.tokens
             for tensor in (s.tokens, s.routed, s.kept, entropy_sum):
                 t.dist.all_reduce(tensor)
             s.entropy = entropy_sum / s.tokens.clamp(min=1)
-        t.engine.train()
-        cap_sum, cap_n, txt_sum, txt_n, correct, n = totals.tolist()
-        return {"caption_loss": cap_sum / max(cap_n, 1), "text_ppl": math.exp(min(txt_sum / max(txt_n, 1), 50)),
-                "caption_rank_acc": correct / max(n, 1), "caption_rank_chance": 1.0 / len(self.ranking[2])}
+        if self.stats is not None:
+            self.report_stats = self.stats
+        v = dict(zip(SUM_NAMES, totals))
+        metrics = {}
+        if self.plan.caption_loss:
+            metrics["caption_loss"] = v["caption_sum"] / max(v["caption_tokens"], 1)
+        if self.plan.text_ppl:
+            metrics["text_ppl"] = math.exp(min(v["text_sum"] / max(v["text_tokens"], 1), 50))
+        if self.retrieval is not None:
+            metrics.update(retrieval_r1=v["retrieval_r1"] / v["retrieval_queries"],
+                           retrieval_r5=v["retrieval_r5"] / v["retrieval_queries"],
+                           retrieval_candidates=len(self.retrieval.candidates),
+                           retrieval_queries=int(v["retrieval_queries"]))
+        if self.ranking is not None and v["rank_images"] > 0:
+            metrics.update(caption_rank_acc=v["rank_correct"] / v["rank_images"],
+                           caption_rank_chance=1.0 / len(self.ranking.candidates))
+        return metrics
 
     def write_report(self, out_dir: Path):
         t = self.trainer
-        if t.rank != 0 or self.stats is None:
+        if t.rank != 0 or self.report_stats is None:
             return []
         moe_layers = [i for i in range(t.model_config.num_hidden_layers) if t.model_config.is_moe_layer(i)]
         mode = t.model_config.router_config().mode
-        return list(write_routing_report(self.stats, moe_layers, t.model_config.router_config().modalities, out_dir,
-                                         title=f"{mode}, {Path(t.recipe.path).name}"))
+        return list(write_routing_report(self.report_stats, moe_layers, t.model_config.router_config().modalities,
+                                         out_dir, title=f"{mode}, {Path(t.recipe.path).name}"))

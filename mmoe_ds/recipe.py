@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 SAMPLE_KINDS = ("image_text", "text", "image")
+# What evaluation can measure; `data.eval_metrics: "auto"` measures whatever the prepared data serves.
+EVAL_METRICS = ("caption_loss", "text_ppl", "retrieval", "class_rank")
 
 
 class ConfigError(ValueError):
@@ -26,8 +28,14 @@ class DataSection:
     max_length: int = 64
     num_workers: int = 0
     eval_batches: int = 4  # per rank, for caption loss and text perplexity
-    ranking_images: int = 200  # Fashion-MNIST test images for zero-shot caption ranking (all ranks)
+    ranking_images: int = 200  # labelled test images for zero-shot class ranking (all ranks; embedded sources)
+    retrieval_candidates: int = 50  # distinct test captions per image->text retrieval (0: off)
+    eval_metrics: Any = "auto"  # "auto" (what the data serves) or a list from EVAL_METRICS the data must serve
     prepare_if_missing: bool = True
+    # Loader caps, passed through to LoaderConfig (when the loader has them).
+    max_caption_bytes: int = 65536
+    max_image_pixels: int = 16_777_216
+    verify_sha256: bool = False
 
 
 @dataclass
@@ -77,6 +85,15 @@ class Recipe:
         if bad or not d.composition or any(int(v) < 0 for v in d.composition.values()) or sum(d.composition.values()) < 1:
             raise ConfigError(f"{p}: data.composition must map {list(SAMPLE_KINDS)} to non-negative sample counts "
                               f"with at least one sample (got {d.composition}).")
+        if d.retrieval_candidates != 0 and d.retrieval_candidates < 2:
+            raise ConfigError(f"{p}: data.retrieval_candidates must be 0 (off) or >= 2 (got {d.retrieval_candidates}).")
+        if d.eval_metrics != "auto" and (not isinstance(d.eval_metrics, list)
+                                         or not set(d.eval_metrics) <= set(EVAL_METRICS)):
+            raise ConfigError(f"{p}: data.eval_metrics must be \"auto\" or a list from {list(EVAL_METRICS)} "
+                              f"(got {d.eval_metrics!r}).")
+        for name in ("max_caption_bytes", "max_image_pixels", "eval_batches"):
+            if getattr(d, name) < 1:
+                raise ConfigError(f"{p}: data.{name} must be >= 1 (got {getattr(d, name)}).")
         for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_last", "expert_parallel_size"):
             if getattr(t, name) < 1:
                 raise ConfigError(f"{p}: train.{name} must be >= 1 (got {getattr(t, name)}).")

@@ -2,8 +2,15 @@
 
     deepspeed --num_gpus N --module mmoe_ds.train --recipe recipes/X.json --deepspeed_config ds_configs/Y.json
 
-Everything comes from the two JSON files. Configuration is checked before DeepSpeed is even
-imported (`--check` only checks). Resumes from `<output_dir>/checkpoints/latest` if present.
+Everything comes from the two JSON files. Configuration, and the prepared data against the
+recipe (every kind of the composition in the train split, something for evaluation to measure),
+are checked before DeepSpeed is even imported (`--check` only checks). Resumes from
+`<output_dir>/checkpoints/latest` if present.
+
+At a step that both checkpoints and evaluates, the checkpoint is written first (the evaluation's
+metrics are added to its meta.json afterwards), and a failed evaluation is logged and recorded
+(`"kind": "eval_error"` in metrics.jsonl) by every rank alike: training goes on, and an
+evaluation error never costs a checkpoint (see `Trainer.evaluate` for how ranks stay in step).
 """
 from __future__ import annotations
 
@@ -17,7 +24,12 @@ from pathlib import Path
 import torch
 
 from . import checkpoint
+from .atomic import atomic_write_text
+from .teardown import exit_process
+from .data.skips import SkipLog
+from .metrics import MetricsWriter
 from .recipe import ConfigError, Recipe, load_ds_config, validate_launch
+from .recipe_data import DataCheck, check_data
 
 
 def parse_args(argv):
@@ -30,25 +42,29 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def load_and_validate(args) -> tuple[Recipe, dict, int]:
+def load_and_validate(args) -> tuple[Recipe, dict, int, DataCheck]:
+    """Recipe, DeepSpeed config, world size and the data check; raises ConfigError naming the fix."""
     world_size = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
     recipe = Recipe.load(args.recipe)
     ds_config = validate_launch(recipe, load_ds_config(args.deepspeed_config), args.deepspeed_config, world_size)
-    return recipe, ds_config, world_size
+    data_check = check_data(recipe.data, world_size)
+    if not data_check.ok:
+        raise ConfigError(f"{recipe.path}: " + "; ".join(data_check.problems))
+    return recipe, ds_config, world_size, data_check
 
 
 class Trainer:
     def __init__(self, recipe: Recipe, ds_config: dict, world_size: int):
         self.recipe, self.ds_config, self.world_size = recipe, ds_config, world_size
         self.out = Path(recipe.train.output_dir)
-        self.metrics_path = self.out / "metrics.jsonl"
+        self.rank = int(os.environ.get("RANK", 0))
 
     # -- setup ----------------------------------------------------------------------------------
     def setup(self) -> None:
         import deepspeed
         import torch.distributed as dist
 
-        from .data_glue import ensure_dataset, load_processor, make_train_loader
+        from .recipe_data import ensure_dataset, load_processor, make_train_loader
         from .model import MmoeConfig, MmoeForCausalLM
 
         self.dist = dist
@@ -64,6 +80,10 @@ class Trainer:
             self.out.mkdir(parents=True, exist_ok=True)
             ensure_dataset(r.data)
         dist.barrier()
+        data_check = check_data(r.data, self.world_size)  # again: the data may have been built just now
+        if not data_check.ok:
+            raise ConfigError(f"{r.path}: " + "; ".join(data_check.problems))
+        self.eval_plan = data_check.plan
         self.processor = load_processor(r.data)
         torch.manual_seed(t.seed)  # identical dense init on every rank; experts are seeded by global id
         tok = self.processor.tokenizer
@@ -76,6 +96,8 @@ class Trainer:
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
                                                config=self.ds_config)
         self.device = self.engine.device
+        self.metrics = MetricsWriter(self.out / "metrics.jsonl", enabled=self.rank == 0,
+                                     monitor=getattr(self.engine, "monitor", None))
         self.loader = make_train_loader(r.data, self.processor, self.rank, self.world_size, t.seed)
         self.start_step = 0
         torch.manual_seed(t.seed * 1000 + self.rank)  # per-rank stream (router jitter, random drops)
@@ -87,48 +109,90 @@ class Trainer:
                 self.loader.load_state_dict(rank_state["loader"])
                 checkpoint.set_rng_state(rank_state["rng"])
             self.log(f"resumed from step {self.start_step} (written at ep_size={meta['ep_size']})")
-            if self.rank == 0:
-                self._truncate_metrics(self.start_step)
-
-    def _truncate_metrics(self, step: int) -> None:
-        """Steps logged after the checkpoint (before a crash) will be logged again."""
-        if self.metrics_path.exists():
-            kept = [line for line in self.metrics_path.read_text().splitlines()
-                    if line and json.loads(line).get("step", 0) <= step]
-            checkpoint.atomic_write_text(self.metrics_path, "".join(line + "\n" for line in kept))
+            self.metrics.truncate_after(self.start_step)
 
     # -- logging ---------------------------------------------------------------------------------
     def log(self, message: str) -> None:
         if self.rank == 0:
             print(f"[mmoe-ds] {message}", flush=True)
 
-    def write_metrics(self, record: dict) -> None:
-        if self.rank != 0:
-            return
-        with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        monitor = getattr(self.engine, "monitor", None)
-        if monitor is not None and monitor.enabled:
-            scalars = [(f"{record['kind']}/{k}", v, record["step"]) for k, v in record.items()
-                       if isinstance(v, (int, float)) and k != "step"]
-            monitor.write_events(scalars)
-
-    def mean_over_ranks(self, values: list[float]) -> list[float]:
+    def sum_over_ranks(self, values: list[float]) -> list[float]:
+        """Collective: element-wise sums of a fixed-length vector over all ranks."""
         t = torch.tensor(values, dtype=torch.float64, device=self.device)
         self.dist.all_reduce(t)
-        return (t / self.world_size).tolist()
+        return t.tolist()
+
+    def mean_over_ranks(self, values: list[float]) -> list[float]:
+        return [v / self.world_size for v in self.sum_over_ranks(values)]
+
+    def skip_counts(self) -> dict[str, int]:
+        """Collective: the distinct bad samples and damaged shards met by all ranks' loaders.
+
+        The ranks' skip records are gathered and merged, not their counts summed: a damaged shard
+        that several ranks read (sample-level slots) is one damaged shard, not one per rank."""
+        states = [None] * self.world_size
+        self.dist.all_gather_object(states, self.loader.skip_log().state())
+        return SkipLog.merged(states).counts()
+
+    # -- evaluation ----------------------------------------------------------------------------------
+    def evaluate(self, evaluator, step: int) -> dict | None:
+        """Collective: run `evaluator` (prepare / forward / finish, see mmoe_ds.evaluate) at `step`.
+
+        Every rank takes the same branches: after the local `prepare` the ranks agree whether any
+        failed before running forward passes (whose all-to-alls need every rank); the forward
+        sums travel with a failure flag in one fixed-length all_reduce. Evaluation runs under its
+        own RNG so that it does not change training's random stream (exact resume either side).
+
+        Returns:
+            the metrics, or None when the evaluation failed on some rank (logged, recorded as
+            `eval_error` in metrics.jsonl).
+        """
+        error = None
+        with torch.random.fork_rng(devices=[self.device] if torch.cuda.is_available() else []):
+            torch.manual_seed(self.recipe.train.seed * 1000 + 777 + self.rank)
+            try:
+                evaluator.prepare(step)
+            except Exception as e:  # any failure is reported, not fatal
+                error = e
+            failed = self.sum_over_ranks([1.0 if error is not None else 0.0])[0]
+            sums = None
+            if not failed:
+                try:
+                    sums = evaluator.forward(step)
+                except Exception as e:  # e.g. the same data error on every rank
+                    error = e
+            zeros = [0.0] * evaluator.num_sums  # the same length on every rank, whatever failed
+            totals = self.sum_over_ranks([1.0 if error is not None else 0.0] + (sums if sums is not None else zeros))
+            if totals[0] == 0:
+                return evaluator.finish(totals[1:])
+        failed_ranks = int(max(failed, totals[0]))
+        if error is not None:
+            print(f"[mmoe-ds] rank {self.rank}: evaluation at step {step} failed: {type(error).__name__}: {error}",
+                  file=sys.stderr, flush=True)
+        message = f"{type(error).__name__}: {error}" if error is not None else "on other ranks (see their stderr)"
+        self.log(f"step {step}: evaluation failed on {failed_ranks} rank(s): {message}; training continues")
+        self.metrics.write({"kind": "eval_error", "step": step, "failed_ranks": failed_ranks, "error": message[:500]})
+        return None
 
     # -- loop ------------------------------------------------------------------------------------
     def to_device(self, batch: dict) -> dict:
         keep = ("input_ids", "attention_mask", "labels", "modality_ids", "pixel_patches")
         return {k: batch[k].to(self.device) for k in keep}
 
-    def train(self) -> dict:
+    def train(self, evaluator=None) -> dict:
+        """Collective: train to `train.steps`, evaluating and checkpointing on schedule.
+
+        Args:
+            evaluator: the evaluation to run (prepare / forward / finish / write_report); by
+                default an `Evaluator` of this run's evaluation plan.
+        Returns:
+            {"eval": the last successful evaluation's metrics, "report": routing report paths}.
+        """
         from .evaluate import Evaluator
         from .moe.router import RoutingStats
 
         t = self.recipe.train
-        evaluator = Evaluator(self)
+        evaluator = Evaluator(self, self.eval_plan) if evaluator is None else evaluator
         batches = iter(self.loader)
         gas = self.engine.gradient_accumulation_steps()
         progress = None
@@ -159,22 +223,27 @@ class Trainer:
                 record = {"kind": "train", "step": step, "loss": means[0], "text_loss": means[1], "aux_loss": means[2],
                           "image_loss": means[3], "lr": self.engine.get_lr()[0],
                           "samples_per_s": len(window) * self.recipe.micro_batch_size * self.world_size / max(elapsed, 1e-9),
-                          "skipped": self.loader.skip_counts(),
+                          "skipped": self.skip_counts(),
                           "routing": [s.to_dict(self.model_config.router_config().modalities) for s in window_stats]}
-                self.write_metrics(record)
+                self.metrics.write(record)
                 window, window_stats, tic = [], None, time.perf_counter()
+            saved = step % t.checkpoint_every == 0 or step == t.steps
+            if saved:  # before evaluating: an evaluation error must not cost this checkpoint
+                tag = self.save_checkpoint(step, last_eval)
             if step % t.eval_every == 0 or step == t.steps:
-                last_eval = evaluator.run(step)
-                self.write_metrics(dict(last_eval, kind="eval", step=step))
-                self.log(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in last_eval.items()))
-            if step % t.checkpoint_every == 0 or step == t.steps:
-                self.save_checkpoint(step, last_eval)
+                result = self.evaluate(evaluator, step)
+                if result is not None:
+                    last_eval = result
+                    self.metrics.write(dict(result, kind="eval", step=step))
+                    self.log(f"step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in result.items()))
+                    if saved and self.rank == 0:
+                        self.record_eval_in_checkpoint(tag, result)
         if progress is not None:
             progress.close()
         report = evaluator.write_report(self.out / "report")
         return {"eval": last_eval, "report": report}
 
-    def save_checkpoint(self, step: int, metrics: dict) -> None:
+    def save_checkpoint(self, step: int, metrics: dict) -> str:
         t = self.recipe.train
         meta = {"ep_size": t.expert_parallel_size, "world_size": self.world_size,
                 "model_config": {k: v for k, v in self.model_config.to_dict().items()
@@ -184,20 +253,32 @@ class Trainer:
         rank_state = {"loader": self.loader.state_dict(), "rng": checkpoint.rng_state()}
         tag = checkpoint.save(self.engine, str(self.out), step, meta, rank_state, t.keep_last)
         self.log(f"checkpoint {tag}")
+        return tag
+
+    def record_eval_in_checkpoint(self, tag: str, metrics: dict) -> None:
+        """The evaluation of a checkpoint's own step, in its meta.json (the export's model card shows it)."""
+        meta_path = checkpoint.checkpoint_dir(self.out) / tag / "meta.json"
+        meta = json.loads(meta_path.read_text())
+        atomic_write_text(meta_path, json.dumps(dict(meta, metrics=metrics), indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        recipe, ds_config, world_size = load_and_validate(args)
+        recipe, ds_config, world_size, data_check = load_and_validate(args)
     except ConfigError as e:
         print(f"mmoe-ds train: configuration error: {e}", file=sys.stderr)
         return 2
     if args.check:
-        print(f"configuration OK: {args.recipe} + {args.deepspeed_config} on {world_size} processes")
+        print(f"configuration OK: {args.recipe} + {args.deepspeed_config} on {world_size} processes; "
+              f"{data_check.summary}")
         return 0
     trainer = Trainer(recipe, ds_config, world_size)
-    trainer.setup()
+    try:
+        trainer.setup()
+    except ConfigError as e:  # the data built by prepare_if_missing does not fit the recipe (every rank alike)
+        print(f"mmoe-ds train: configuration error: {e}", file=sys.stderr)
+        return 2
     result = trainer.train()
     if trainer.rank == 0:
         print(json.dumps({"final_eval": result["eval"], "report": [str(p) for p in result["report"]]}), flush=True)
@@ -206,4 +287,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Tear gloo down before the interpreter does (mmoe_ds/teardown.py; issue 11 item 8): the
+    # engine's process groups outlive main() through hooks held in C++.
+    exit_process(main())

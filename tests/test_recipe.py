@@ -52,6 +52,9 @@ def check(recipe_path, ds_path, world_size=2):
     ({"train__steps": 0}, {}, 2, ["train.steps", ">= 1"]),
     ({"train__stpes": 10}, {}, 2, ["train.stpes", "valid"]),
     ({}, {"bf16": {"enabled": True}, "fp16": {"enabled": True}}, 2, ["fp16.enabled", "bf16.enabled"]),
+    ({"data__retrieval_candidates": 1}, {}, 2, ["data.retrieval_candidates", ">= 2"]),
+    ({"data__eval_metrics": ["bleu"]}, {}, 2, ["data.eval_metrics", "retrieval", "bleu"]),
+    ({"data__max_caption_bytes": 0}, {}, 2, ["data.max_caption_bytes", ">= 1"]),
 ])
 def test_invalid_configuration_is_named(tmp_path, recipe_changes, ds_changes, world, words):
     with pytest.raises(ConfigError) as err:

@@ -22,7 +22,7 @@ DS_CONFIG = str(REPO / "ds_configs/cpu_zero1_fp32.json")
 def write_recipe(path: Path, data_dir: Path, out: Path, ep: int = 2, steps: int = 30, checkpoint_every: int = 10) -> Path:
     recipe = {
         "data": {"dir": str(data_dir), "composition": {"image_text": 6, "text": 1, "image": 1}, "max_length": 48,
-                 "eval_batches": 2, "ranking_images": 20},
+                 "eval_batches": 2, "ranking_images": 20, "retrieval_candidates": 12},
         "model": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128,
                   "moe_intermediate_size": 64, "num_local_experts": 4, "num_experts_per_tok": {"image": 1, "text": 2},
                   "moe_layer_frequency": 2, "max_position_embeddings": 64, "image_loss_coef": 0.1,
@@ -63,7 +63,8 @@ def test_training_lowers_loss_and_writes_metrics_and_report(run_a):
     records = [json.loads(line) for line in (run_a / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [15, 30]
-    assert {"caption_loss", "text_ppl", "caption_rank_acc"} <= set(evals[-1])
+    assert {"caption_loss", "text_ppl", "caption_rank_acc", "retrieval_r1", "retrieval_r5"} <= set(evals[-1])
+    assert evals[-1]["retrieval_candidates"] == evals[-1]["retrieval_queries"] == 12  # 6 distinct captions per rank
     train_record = records[0]
     assert set(train_record["routing"][0]) == {"image", "text"} and "skipped" in train_record
     png = run_a / "report" / "routing_report.png"
@@ -122,7 +123,7 @@ def test_checkpoint_moves_between_expert_parallel_sizes(run_a, small_dataset, tm
 def test_export_of_ep2_checkpoint_matches_training_time_losses(run_a, small_dataset, tmp_path):
     """Export step 20 (ep_size=2) and recompute step 21's loss on both ranks' batches without DeepSpeed."""
     from mmoe_ds.checkpoint import set_rng_state
-    from mmoe_ds.data_glue import load_processor, make_train_loader
+    from mmoe_ds.recipe_data import load_processor, make_train_loader
     from mmoe_ds.export import export
     from mmoe_ds.recipe import DataSection
     from transformers import AutoModelForCausalLM

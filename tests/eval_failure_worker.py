@@ -1,0 +1,36 @@
+"""Run by tests/test_training_folder.py on 2 processes: a training run whose evaluation fails on
+purpose (a test double injected through `Trainer.train(evaluator=...)`): at step 2 while reading
+data on rank 1 only, at step 3 in the forward phase on every rank. Same arguments as mmoe_ds.train."""
+from __future__ import annotations
+
+import sys
+
+from mmoe_ds.evaluate import Evaluator
+from mmoe_ds.train import Trainer, load_and_validate, parse_args
+
+
+class FailingEvaluator(Evaluator):
+    """The real evaluation, made to fail at chosen steps."""
+
+    def prepare(self, step: int) -> None:
+        if step == 2 and self.trainer.rank == 1:
+            raise OSError("test double: validation shard unreadable on rank 1")
+        super().prepare(step)
+
+    def forward(self, step: int) -> list[float]:
+        if step == 3:
+            raise RuntimeError("test double: forward failed")
+        return super().forward(step)
+
+
+def main() -> int:
+    recipe, ds_config, world_size, _ = load_and_validate(parse_args(sys.argv[1:]))
+    trainer = Trainer(recipe, ds_config, world_size)
+    trainer.setup()
+    trainer.train(evaluator=FailingEvaluator(trainer, trainer.eval_plan))
+    trainer.dist.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
