@@ -156,3 +156,31 @@ def test_failed_evaluation_keeps_the_checkpoint_and_the_ranks_in_step(folder_dat
     assert tags == ["step00000002", "step00000004"]  # step 2's checkpoint survived its failed evaluation
     meta = json.loads((run / "checkpoints/step00000002/meta.json").read_text())
     assert meta["metrics"]["retrieval_r1"] == by_step[("eval", 1)]["retrieval_r1"]  # the last good one
+
+
+def test_img2dataset_shards_indexed_in_place_train_to_the_end(tmp_path):
+    """Issue 8, acceptance 3: shards in img2dataset's layout (KEY.jpg + KEY.txt + KEY.json of
+    url/caption fields, no modality) are indexed where they are and trained on, 2 processes, to
+    the final step with retrieval evaluated — and the shard files stay byte-for-byte untouched."""
+    from foreign_shards import digests, write_img2dataset_shards
+
+    shards = tmp_path / "shards"
+    write_img2dataset_shards(shards, shards=4, samples=30)  # train
+    write_img2dataset_shards(shards, shards=1, samples=16, first=4)  # validation
+    write_img2dataset_shards(shards, shards=1, samples=16, first=5)  # test
+    before = digests(shards)
+    data = tmp_path / "indexed"
+    proc = run_cli("index", "--train", str(shards / "shard-{00000..00003}.tar"), "--validation",
+                   str(shards / "shard-00004.tar"), "--test", str(shards / "shard-00005.tar"), "--out", str(data),
+                   "--image-size", "32", "--patch-size", "8", "--max-length", "32", "--vocab-size", "300")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.json", data, run, {"image_text": 8})
+    assert check(recipe).returncode == 0
+    deepspeed_launch(["mmoe_ds.train", "--recipe", str(recipe), "--deepspeed_config", DS_CONFIG], module=True)
+    recs = records(run)
+    assert [r["step"] for r in recs if r["kind"] == "train"] == list(range(1, STEPS + 1))
+    (final,) = [r for r in recs if r["kind"] == "eval"]
+    assert final["step"] == STEPS and final["retrieval_candidates"] == 8 and 0 <= final["retrieval_r1"] <= 1
+    assert all(sum(r["skipped"].values()) == 0 for r in recs if r["kind"] == "train")
+    assert digests(shards) == before and sorted(p.name for p in data.iterdir()) == ["manifest.json", "processor"]
