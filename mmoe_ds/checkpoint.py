@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from .atomic import atomic_open, atomic_write_text
+from .safe_load import RNG_STATE_GLOBALS, SafeLoadCheckpointEngine, deepspeed_globals, safe_torch_load
 
 __all__ = ["atomic_write_text", "checkpoint_dir", "latest_tag", "resume", "rng_state", "save", "set_rng_state"]
 
@@ -75,6 +76,9 @@ def resume(engine, output_dir: str, ep_size: int, world_size: int) -> tuple[dict
 
     A different ep_size reloads the weights (DeepSpeed regroups the per-expert files) but not
     the optimizer state, whose shards are laid out per expert-parallel rank.
+
+    Every file is read weights-only (`mmoe_ds.safe_load`): a file whose pickle would run code
+    raises `UnsafeCheckpointError` naming it (a `ConfigError`: the trainer stops before training).
     """
     ckpt_dir = checkpoint_dir(output_dir)
     tag = latest_tag(ckpt_dir)
@@ -82,13 +86,25 @@ def resume(engine, output_dir: str, ep_size: int, world_size: int) -> tuple[dict
         return None
     meta = json.loads((ckpt_dir / tag / "meta.json").read_text())
     same_layout = meta["ep_size"] == ep_size and meta["world_size"] == world_size
-    engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=not same_layout,
-                           load_optimizer_states=same_layout, load_lr_scheduler_states=same_layout)
+    load_checkpoint_weights_only(engine, ckpt_dir, tag, same_layout)
     if not same_layout:  # the optimizer restarts; step counters and the LR schedule continue
         engine.global_steps = meta["step"]
         engine.global_samples = meta["step"] * engine.train_batch_size()
         if engine.lr_scheduler is not None:
             engine.lr_scheduler.step(meta["step"])
     rank_file = ckpt_dir / tag / f"rank{dist.get_rank()}_state.pt"
-    rank_state = torch.load(rank_file, weights_only=False) if meta["world_size"] == world_size else None
+    same_ranks = meta["world_size"] == world_size
+    rank_state = safe_torch_load(rank_file, allowed=RNG_STATE_GLOBALS) if same_ranks else None
     return meta, rank_state
+
+
+def load_checkpoint_weights_only(engine, ckpt_dir: Path, tag: str, same_layout: bool) -> None:
+    """`engine.load_checkpoint` with DeepSpeed's file reads made weights-only (its own reader uses
+    `weights_only=False`): our checkpoint engine wrapper is in place for the load, then removed."""
+    inner = engine.checkpoint_engine
+    engine.checkpoint_engine = SafeLoadCheckpointEngine(inner, deepspeed_globals())
+    try:
+        engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_only=not same_layout,
+                               load_optimizer_states=same_layout, load_lr_scheduler_states=same_layout)
+    finally:
+        engine.checkpoint_engine = inner

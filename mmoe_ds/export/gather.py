@@ -13,6 +13,7 @@ import torch
 
 from ..checkpoint import latest_tag
 from ..model import MmoeConfig, MmoeForCausalLM
+from ..safe_load import safe_torch_load
 
 
 def resolve_tag_dir(ckpt: Path) -> Path:
@@ -27,11 +28,14 @@ def resolve_tag_dir(ckpt: Path) -> Path:
 
 
 def gather_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
-    """Non-expert weights plus every per-expert file, keyed by global expert id."""
-    # weights_only=False: DeepSpeed's files also hold its config objects; these are our own files.
-    state = dict(torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"])
+    """Non-expert weights plus every per-expert file, keyed by global expert id.
+
+    The files are read weights-only (`mmoe_ds.safe_load`; DeepSpeed's model files hold tensors,
+    containers and strings only): a file whose pickle would run code raises
+    `UnsafeCheckpointError` naming it."""
+    state = dict(safe_torch_load(tag_dir / "mp_rank_00_model_states.pt")["module"])
     for expert_file in sorted(tag_dir.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
-        state.update(torch.load(expert_file, map_location="cpu", weights_only=False))
+        state.update(safe_torch_load(expert_file))
     return state
 
 
