@@ -15,6 +15,8 @@ SUBCOMMANDS = {
     "index": ("mmoe_ds.data.index", "build a manifest for existing WebDataset shards (local, brace patterns, pipe:, "
                                     "URLs) without rewriting them"),
     "train": ("mmoe_ds.train", "train from a recipe and a DeepSpeed config (use the deepspeed launcher)"),
+    "push": ("mmoe_ds.push", "upload an export to the Hugging Face Hub (token from HF_TOKEN or `hf auth login`; "
+                             "--dry-run lists the files and the card)"),
     "export": ("mmoe_ds.export", "gather a DeepSpeed checkpoint (any ep_size) into one HF folder"),
     "caption": ("mmoe_ds.caption", "caption images with an exported model"),
 }

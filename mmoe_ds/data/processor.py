@@ -181,10 +181,28 @@ class MmoeProcessor:
         (directory / CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n")
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> "MmoeProcessor":
-        directory = Path(directory)
-        if not (directory / CONFIG_NAME).exists():
-            raise FileNotFoundError(f"{directory}: no {CONFIG_NAME}; run `mmoe-ds prepare` or point at an export.")
-        config = json.loads((directory / CONFIG_NAME).read_text())
-        config.pop("processor_class", None)
-        return cls(PreTrainedTokenizerFast.from_pretrained(directory), **config)
+    def register_for_auto_class(cls, auto_class: str = "AutoProcessor") -> None:
+        """Called by `AutoProcessor` on a remote-code class; the export's processor_config.json
+        already carries the `auto_map`, so there is nothing to register."""
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, **hub_kwargs) -> "MmoeProcessor":
+        """Args: directory: a folder with processor_config.json and the tokenizer files (a prepared
+        dataset's processor/ or an export), or a Hub repo id; hub_kwargs: what `AutoProcessor`
+        passes on (revision, cache_dir, token, trust_remote_code, ...), used for a repo id only.
+        Returns: the processor."""
+        hub_kwargs.pop("trust_remote_code", None)
+        if Path(directory).is_dir() or not isinstance(directory, str):
+            config_file = Path(directory) / CONFIG_NAME
+            if not config_file.exists():
+                raise FileNotFoundError(f"{directory}: no {CONFIG_NAME}; run `mmoe-ds prepare` or point at an export.")
+        else:  # a Hub repo id
+            from transformers.utils import cached_file
+
+            hub_keys = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
+            config_file = cached_file(str(directory), CONFIG_NAME,
+                                      **{k: v for k, v in hub_kwargs.items() if k in hub_keys})
+        config = json.loads(Path(config_file).read_text())
+        for key in ("processor_class", "auto_map"):
+            config.pop(key, None)
+        return cls(PreTrainedTokenizerFast.from_pretrained(directory, **hub_kwargs), **config)

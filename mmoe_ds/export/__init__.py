@@ -2,33 +2,42 @@
 
 The parts: `gather` merges the per-expert files into one model, `remote_code` ships the model
 code (flattened, relative imports only) so `AutoModelForCausalLM.from_pretrained(path,
-trust_remote_code=True)` works where neither mmoe_ds nor DeepSpeed is installed, `card` writes
-the model card, and `mmoe_ds.atomic` stages the folder and swaps it in whole.
+trust_remote_code=True)` works where neither mmoe_ds nor DeepSpeed is installed (with the
+processor's code, so `AutoProcessor.from_pretrained(path, trust_remote_code=True)` works too),
+`card` writes the Hub model card, and `mmoe_ds.atomic` stages the folder and swaps it in whole.
+Weights above `--max-shard-size` are split into safetensors shards with model.safetensors.index.json.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 import shutil
+import sys
 from pathlib import Path
 
 from transformers import GenerationConfig
 
 from ..atomic import staged_directory
 from ..model import MmoeForCausalLM
-from .card import model_card
+from ..safe_load import UnsafeCheckpointError
+from .card import last_train_record, model_card
 from .gather import gather_state_dict, load_checkpoint_model, resolve_tag_dir
-from .remote_code import AUTO_MAP, CODE_FILES, flatten_imports, write_code
+from .remote_code import AUTO_MAP, CODE_FILES, PROCESSOR_AUTO_MAP, flatten_imports, write_code
 
 __all__ = ["export", "save_export", "main", "load_checkpoint_model", "gather_state_dict", "resolve_tag_dir",
            "model_card", "write_code", "flatten_imports", "CODE_FILES"]
 REPORT_FILES = ("routing_report.png", "routing_report.md")
+PROCESSOR_CONFIG = "processor_config.json"
+DEFAULT_MAX_SHARD_SIZE = "2GB"  # transformers' own default for save_pretrained / push_to_hub
 
 
-def write_model(model: MmoeForCausalLM, out: Path) -> None:
-    """Weights, config.json (with the auto_map to the shipped code) and generation_config.json."""
+def write_model(model: MmoeForCausalLM, out: Path, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> None:
+    """Weights (one model.safetensors, or shards + model.safetensors.index.json above `max_shard_size`),
+    config.json (with the auto_map to the shipped code) and generation_config.json."""
     model.config.auto_map = dict(AUTO_MAP)
-    model.save_pretrained(out)
+    model.save_pretrained(out, max_shard_size=max_shard_size)
     c = model.config
     GenerationConfig(bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
                      max_new_tokens=16, do_sample=False).save_pretrained(out)
@@ -41,8 +50,26 @@ def copy_files(names: list[str] | None, src: Path, out: Path) -> None:
             shutil.copyfile(f, out / f.name)
 
 
+def add_processor_auto_map(out: Path) -> bool:
+    """Point the copied processor_config.json at the shipped processor code (`AutoProcessor`).
+    Returns: whether the folder has a processor config to point."""
+    config_file = out / PROCESSOR_CONFIG
+    if not config_file.is_file():
+        return False
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{config_file.name} of the processor folder is not JSON ({e}); re-save the processor "
+                         "with MmoeProcessor.save_pretrained or `mmoe-ds prepare`.") from None
+    config["auto_map"] = dict(config.get("auto_map") or {}, **PROCESSOR_AUTO_MAP)
+    config_file.write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
+    return True
+
+
 def save_export(model: MmoeForCausalLM, out: str | os.PathLike, meta: dict | None = None,
-                processor_dir: str | os.PathLike | None = None, report_dir: str | os.PathLike | None = None) -> Path:
+                processor_dir: str | os.PathLike | None = None, report_dir: str | os.PathLike | None = None,
+                metrics_file: str | os.PathLike | None = None,
+                max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE, license: str = "apache-2.0") -> Path:
     """Write an HF folder (weights, config with auto_map, code, processor, generation config,
     model card) to a temp folder, then swap it in: a failure never leaves a half-written export.
 
@@ -50,36 +77,70 @@ def save_export(model: MmoeForCausalLM, out: str | os.PathLike, meta: dict | Non
         model: the full model (torch MoE backend).
         out: the folder to create or replace.
         meta: the checkpoint's meta.json, for the card.
-        processor_dir: a saved processor whose files are copied in.
+        processor_dir: a saved processor whose files are copied in, with its code and an `AutoProcessor`
+            auto_map in processor_config.json.
         report_dir: a run's report folder; its routing report is copied and appended to the card.
+        metrics_file: the run's metrics.jsonl; its last training routing statistics give the card's
+            capacity and bias audit.
+        max_shard_size: weights above this ("2GB", "500MB", bytes) are split into safetensors shards.
+        license: the card's license id.
     Returns:
         `out`. Files and folders get the modes a plain write under the umask gives.
     """
     with staged_directory(out, normalize_modes=True) as tmp:  # safetensors writes its file 0600
-        write_model(model, tmp)
-        write_code(tmp)
+        write_model(model, tmp, max_shard_size)
         if processor_dir is not None:
             copy_files(None, Path(processor_dir), tmp)
+        write_code(tmp, with_processor=add_processor_auto_map(tmp))
         report_md = None
         if report_dir is not None:
             copy_files(list(REPORT_FILES), Path(report_dir), tmp)
             report_md = Path(report_dir) / "routing_report.md"
-        (tmp / "README.md").write_text(model_card(meta or {}, model.config, report_md))
+        step = (meta or {}).get("step")
+        record = last_train_record(Path(metrics_file), step) if metrics_file is not None else None
+        card = model_card(meta or {}, model.config, report_md, record, license=license)
+        (tmp / "README.md").write_text(str(card))
     return Path(out)
 
 
-def export(ckpt: str | os.PathLike, out: str | os.PathLike) -> Path:
-    """Args: ckpt: a run's output dir, its checkpoints/ dir or one tag dir; out: the HF folder to write.
+def export(ckpt: str | os.PathLike, out: str | os.PathLike, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+           license: str = "apache-2.0") -> Path:
+    """Args: ckpt: a run's output dir, its checkpoints/ dir or one tag dir; out: the HF folder to write;
+    max_shard_size: weights above it are sharded; license: the card's license id.
     Returns: `out`."""
-    model, meta, _ = load_checkpoint_model(ckpt)
-    return save_export(model, out, meta, meta.get("processor_dir"), meta.get("report_dir"))
+    model, meta, tag_dir = load_checkpoint_model(ckpt)
+    metrics_file = tag_dir.parent.parent / "metrics.jsonl"  # RUN/checkpoints/TAG -> RUN/metrics.jsonl
+    return save_export(model, out, meta, meta.get("processor_dir"), meta.get("report_dir"), metrics_file,
+                       max_shard_size, license)
+
+
+def parse_shard_size(text: str) -> int:
+    """"2GB", "500MB", "10KB" (decimal units, like transformers) or plain bytes -> bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(text).upper())
+    if not m or float(m.group(1)) <= 0:
+        raise ValueError(f"--max-shard-size: {text!r} is not a size; use e.g. 2GB, 500MB or a byte count.")
+    return int(float(m.group(1)) * units[m.group(2) or ""])
 
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="mmoe-ds export", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="run output dir, its checkpoints/ dir, or a tag dir")
     parser.add_argument("out", help="folder to write the HF model to")
+    parser.add_argument("--max-shard-size", default=DEFAULT_MAX_SHARD_SIZE,
+                        help="split the weights into safetensors shards of at most this size, with "
+                             "model.safetensors.index.json (e.g. 2GB, 500MB; default %(default)s)")
+    parser.add_argument("--license", default="apache-2.0", help="license id for the model card (default %(default)s)")
     args = parser.parse_args(argv)
-    path = export(args.checkpoint, args.out)
+    try:
+        max_shard_size = parse_shard_size(args.max_shard_size)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        path = export(args.checkpoint, args.out, max_shard_size, args.license)
+    except UnsafeCheckpointError as e:  # a tampered or foreign checkpoint: one line, nothing written
+        print(f"mmoe-ds export: {e}", file=sys.stderr)
+        return 2
     print(f"exported {args.checkpoint} -> {path}")
     return 0

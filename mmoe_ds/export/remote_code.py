@@ -1,5 +1,7 @@
-"""The model's source files shipped inside an export, so `AutoModelForCausalLM.from_pretrained(path,
-trust_remote_code=True)` works where neither mmoe_ds nor DeepSpeed is installed."""
+"""The model's and the processor's source files shipped inside an export, so
+`AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)` and
+`AutoProcessor.from_pretrained(path, trust_remote_code=True)` work where neither mmoe_ds nor
+DeepSpeed is installed."""
 from __future__ import annotations
 
 import re
@@ -16,19 +18,32 @@ CODE_FILES = {
     "moe/experts.py": "moe_experts.py",
     "moe/layer.py": "moe_layer.py",
 }
+# The processor's code, shipped when the export carries a processor.
+PROCESSOR_CODE_FILES = {
+    "data/processor.py": "processing_mmoe.py",
+    "data/schema.py": "data_schema.py",
+}
 AUTO_MAP = {"AutoConfig": "configuration_mmoe.MmoeConfig", "AutoModelForCausalLM": "modeling_mmoe.MmoeForCausalLM"}
+PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_mmoe.MmoeProcessor"}
 
 
-def flatten_imports(source: str, in_moe_package: bool) -> str:
-    """Rewrite the package-relative imports for the flat folder (`..moe.x` and `.x` -> `.moe_x`)."""
-    source = re.sub(r"from \.\.moe\.(\w+) import", r"from .moe_\1 import", source)
-    if in_moe_package:
+def flatten_imports(source: str, in_moe_package: bool, in_data_package: bool = False) -> str:
+    """Rewrite the package imports for the flat folder: `..moe.x`, `mmoe_ds.moe.x` (and `.x` inside
+    moe/) -> `.moe_x`; `.x` inside data/ -> `.data_x`."""
+    if in_moe_package:  # package-local imports first: the rule below writes `.moe_x` itself
         source = re.sub(r"from \.(\w+) import", r"from .moe_\1 import", source)
-    return source
+    if in_data_package:
+        source = re.sub(r"from \.(\w+) import", r"from .data_\1 import", source)
+    return re.sub(r"from (?:\.\.|mmoe_ds\.)moe\.(\w+) import", r"from .moe_\1 import", source)
 
 
-def write_code(out: Path) -> None:
-    """Write the flattened model code into the folder `out`."""
-    for src, dst in CODE_FILES.items():
+def write_code(out: Path, with_processor: bool = False) -> None:
+    """Write the flattened model code (and the processor's, if `with_processor`) into the folder `out`."""
+    files = dict(CODE_FILES, **(PROCESSOR_CODE_FILES if with_processor else {}))
+    for src, dst in files.items():
         text = (PACKAGE / src).read_text()
-        (out / dst).write_text(flatten_imports(text, src.startswith("moe/")))
+        flat = flatten_imports(text, src.startswith("moe/"), src.startswith("data/"))
+        if "mmoe_ds" in re.sub(r'""".*?"""|#.*', "", flat, flags=re.S):
+            raise RuntimeError(f"remote code {dst}: an import of mmoe_ds is left after flattening; "
+                               f"add its rule to flatten_imports.")
+        (out / dst).write_text(flat)
