@@ -126,6 +126,10 @@ def _section(cls, raw: dict, path: str, name: str):
     return cls(**raw)
 
 
+ZERO3_UNSUPPORTED = ("zero_optimization.stage=3 is not supported with DeepSpeed's native MoE (expert parallelism); "
+                     "use stage 0, 1 or 2.")
+
+
 def load_ds_config(path: str | os.PathLike) -> dict:
     try:
         return json.loads(Path(path).read_text())
@@ -143,8 +147,7 @@ def validate_launch(recipe: Recipe, ds_config: dict, ds_path: str, world_size: i
                           f"(processes); launch a multiple of {ep} processes or change expert_parallel_size.")
     stage = ds_config.get("zero_optimization", {}).get("stage", 0)
     if stage == 3:
-        raise ConfigError(f"{ds_path}: zero_optimization.stage=3 is not supported with DeepSpeed's native MoE "
-                          f"(expert parallelism); use stage 0, 1 or 2.")
+        raise ConfigError(f"{ds_path}: {ZERO3_UNSUPPORTED}")
     if ds_config.get("fp16", {}).get("enabled") and ds_config.get("bf16", {}).get("enabled"):
         raise ConfigError(f"{ds_path}: fp16.enabled and bf16.enabled are both true; enable one.")
     micro = ds_config.get("train_micro_batch_size_per_gpu")

@@ -2,6 +2,9 @@
 
     deepspeed --num_gpus N --module mmoe_ds.train --recipe recipes/X.json --deepspeed_config ds_configs/Y.json
 
+(also under `srun` with or without torchrun, and `accelerate launch --use_deepspeed`: see
+mmoe_ds/launch_env.py and launch/README.md).
+
 Everything comes from the two JSON files. Configuration, and the prepared data against the
 recipe (every kind of the composition in the train split, something for evaluation to measure),
 are checked before DeepSpeed is even imported (`--check` only checks). Resumes from
@@ -19,12 +22,14 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
 from . import checkpoint
 from .atomic import atomic_write_text
+from .launch_env import deepspeed_config_path, map_slurm_env
 from .teardown import exit_process
 from .data.skips import SkipLog
 from .metrics import MetricsWriter
@@ -35,7 +40,8 @@ from .recipe_data import DataCheck, check_data
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="mmoe_ds.train", description="Train a multimodal MoE with DeepSpeed.")
     parser.add_argument("--recipe", required=True)
-    parser.add_argument("--deepspeed_config", required=True)
+    parser.add_argument("--deepspeed_config", default=None,
+                        help="DeepSpeed config JSON (under `accelerate launch`: its --deepspeed_config_file if absent)")
     parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
     parser.add_argument("--world_size", type=int, default=None, help="with --check: the number of processes")
@@ -46,7 +52,8 @@ def load_and_validate(args) -> tuple[Recipe, dict, int, DataCheck]:
     """Recipe, DeepSpeed config, world size and the data check; raises ConfigError naming the fix."""
     world_size = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
     recipe = Recipe.load(args.recipe)
-    ds_config = validate_launch(recipe, load_ds_config(args.deepspeed_config), args.deepspeed_config, world_size)
+    ds_path = deepspeed_config_path(args.deepspeed_config)
+    ds_config = validate_launch(recipe, load_ds_config(ds_path), ds_path, world_size)
     data_check = check_data(recipe.data, world_size)
     if not data_check.ok:
         raise ConfigError(f"{recipe.path}: " + "; ".join(data_check.problems))
@@ -66,6 +73,10 @@ class Trainer:
 
         from .recipe_data import ensure_dataset, load_processor, make_train_loader
         from .model import MmoeConfig, MmoeForCausalLM
+
+        # DeepSpeed's ZeRO step all-gathers through `all_gather_into_tensor`, which torch 2.13 deprecates
+        # with a FutureWarning on every call: two lines per step in every log. Silence exactly that one.
+        warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
         self.dist = dist
         on_gpu = torch.cuda.is_available()
@@ -263,15 +274,18 @@ class Trainer:
 
 
 def main(argv: list[str] | None = None) -> int:
+    slurm = map_slurm_env()  # bare `srun` (no torchrun): RANK etc. from SLURM_*, before anything reads them
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        if slurm.problem and not args.check:
+            raise ConfigError(slurm.problem)
         recipe, ds_config, world_size, data_check = load_and_validate(args)
     except ConfigError as e:
         print(f"mmoe-ds train: configuration error: {e}", file=sys.stderr)
         return 2
     if args.check:
-        print(f"configuration OK: {args.recipe} + {args.deepspeed_config} on {world_size} processes; "
-              f"{data_check.summary}")
+        ds_path = deepspeed_config_path(args.deepspeed_config)
+        print(f"configuration OK: {args.recipe} + {ds_path} on {world_size} processes; {data_check.summary}")
         return 0
     trainer = Trainer(recipe, ds_config, world_size)
     try:
