@@ -88,17 +88,34 @@ def launch(script_args: list[str], num_procs: int = 2, timeout: int = 600, modul
     Returns:
         a LaunchResult; never raises for a failed launch.
     """
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-               HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num_procs),
            "--master_port", str(free_port())] + (["--module"] if module else []) + script_args
+    return run_process(cmd, child_env(), timeout)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment launched processes get: this one, one OpenMP thread each, offline, the repo importable."""
+    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+                PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", **extra)
+
+
+def run_process(cmd: list[str], env: dict[str, str], timeout: int) -> LaunchResult:
+    """Run a launcher (deepspeed, torchrun, accelerate, a stub srun) in its own process group.
+
+    Args:
+        cmd: the command.
+        env: its environment.
+        timeout: seconds before the whole group (launcher, agents, workers) is killed.
+    Returns:
+        a LaunchResult with stdout and stderr merged in write order (returncode -9 after a timeout).
+    """
     start = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
         output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)  # the launcher and its workers
+        os.killpg(proc.pid, 9)  # the launcher and everything it started
         output, _ = proc.communicate()
         output += f"\n[launch_util] killed after the {timeout} s timeout"
     return LaunchResult(cmd, proc.returncode, output, time.monotonic() - start)

@@ -9,15 +9,12 @@ launch` console script calls, so that it is this interpreter's accelerate.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from launch_util import REPO, LaunchResult, free_port
+from launch_util import LaunchResult, child_env, free_port, run_process
 from test_slurm import assert_two_rank_run
 from test_training import DS_CONFIG, write_recipe
 
@@ -35,20 +32,9 @@ def accelerate_launch(launch_args: list[str], script_args: list[str], home: Path
     HF_HOME points into the test's folder so that a user's `accelerate config` default file
     cannot change the launch.
     """
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_HOME=str(home),
-               PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--use_deepspeed", "--num_processes", "2",
            "--main_process_port", str(free_port())] + launch_args + ["-m", "mmoe_ds.train"] + script_args
-    start = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)  # accelerate, its torchrun agent and the workers
-        output, _ = proc.communicate()
-        output += f"\n[test_accelerate] killed after the {timeout} s timeout"
-    return LaunchResult(cmd, proc.returncode, output, time.monotonic() - start)
+    return run_process(cmd, child_env(HF_HOME=str(home)), timeout)
 
 
 def train_records(run: Path) -> list[dict]:

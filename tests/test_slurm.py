@@ -15,12 +15,11 @@ import shutil
 import stat
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from launch_util import REPO, LaunchResult, free_port
+from launch_util import REPO, LaunchResult, child_env, free_port, run_process
 from test_training import DS_CONFIG, write_recipe
 
 from mmoe_ds.launch_env import map_slurm_env
@@ -73,22 +72,12 @@ def write_stubs(bin_dir: Path) -> Path:
 
 def run_job(cmd: list[str], env_extra: dict[str, str], bin_dir: Path, timeout: int = 240) -> LaunchResult:
     """Run `cmd` as a SLURM job step would see it (2 nodes), stubs first on PATH; never raises."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-               PYTHONPATH=f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", SLURM_JOB_ID="4242",
-               SLURM_NNODES="2", SLURM_JOB_NODELIST="node-[001-002]", **env_extra)
+    env = child_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_NNODES="2",
+                   SLURM_JOB_NODELIST="node-[001-002]", **env_extra)
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         if name not in env_extra:
             env.pop(name, None)
-    start = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)  # the stub srun, torchrun agents and workers
-        output, _ = proc.communicate()
-        output += f"\n[test_slurm] killed after the {timeout} s timeout"
-    return LaunchResult(cmd, proc.returncode, output, time.monotonic() - start)
+    return run_process(cmd, env, timeout)
 
 
 def assert_two_rank_run(run: Path, steps: int, result: LaunchResult) -> None:
