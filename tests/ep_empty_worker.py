@@ -8,18 +8,16 @@ steps where rank 1's micro batch is empty. Results go to the JSON file named by 
 """
 from __future__ import annotations
 
-import argparse
-import json
 import math
 
 import deepspeed
 import torch
 from torch import nn
 
-from ep_worker import D, F, MODES, TinyMoEModel, local_state, rel_diff, router_config, routing_fields
+from ep_worker import (D, F, MODES, TinyMoEModel, finish_worker, local_state, rel_diff, router_config, routing_fields,
+                       start_worker)
 from mmoe_ds.moe import TorchMoE
 from mmoe_ds.moe.deepspeed_layer import DeepSpeedMoE
-from mmoe_ds.teardown import exit_process
 from naive_moe import naive_moe
 
 
@@ -78,19 +76,10 @@ def engine_steps_with_an_empty_rank(rank: int) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--local_rank", type=int, default=0)
-    args = parser.parse_args()
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip a 30 s JIT build unused here
-    deepspeed.init_distributed(dist_backend="gloo")
-    rank = torch.distributed.get_rank()
+    out, rank = start_worker()
     losses = engine_steps_with_an_empty_rank(rank)
-    result = {"layers": empty_rank_layers(rank), "engine_losses": losses,
-              "engine_losses_finite": all(math.isfinite(v) for v in losses)}
-    with open(f"{args.out}.rank{rank}.json", "w") as f:
-        json.dump(result, f)
-    exit_process(0)  # tear gloo down before the interpreter does (see mmoe_ds/teardown.py)
+    finish_worker(out, rank, {"layers": empty_rank_layers(rank), "engine_losses": losses,
+                              "engine_losses_finite": all(math.isfinite(v) for v in losses)})
 
 
 if __name__ == "__main__":

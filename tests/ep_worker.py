@@ -152,18 +152,28 @@ def train_steps(rank: int) -> list[float]:
     return losses
 
 
-def main() -> None:
+def start_worker() -> tuple[str, int]:
+    """Parse the launcher's arguments and join the gloo group. Returns (--out prefix, rank)."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # skip a 30 s JIT build unused here
     deepspeed.init_distributed(dist_backend="gloo")
-    rank = torch.distributed.get_rank()
-    result = {"modes": compare_modes(rank), "expert_seeding": expert_seeding(rank), "losses": train_steps(rank)}
-    with open(f"{args.out}.rank{rank}.json", "w") as f:
+    return args.out, torch.distributed.get_rank()
+
+
+def finish_worker(out: str, rank: int, result: dict) -> None:
+    """Write this rank's result as `<out>.rank<r>.json` and exit."""
+    with open(f"{out}.rank{rank}.json", "w") as f:
         json.dump(result, f)
     exit_process(0)  # tear gloo down before the interpreter does (see mmoe_ds/teardown.py)
+
+
+def main() -> None:
+    out, rank = start_worker()
+    finish_worker(out, rank, {"modes": compare_modes(rank), "expert_seeding": expert_seeding(rank),
+                              "losses": train_steps(rank)})
 
 
 if __name__ == "__main__":

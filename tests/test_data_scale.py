@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from foreign_shards import write_img2dataset_shards
+from test_data_loader import across_epochs
 from mmoe_ds.data import BalancedLoader, LoaderConfig
 from mmoe_ds.data.index import main as index
 
@@ -88,14 +89,6 @@ def test_resampled_slots_stay_on_their_own_shards(dataset, tmp_path):
     assert len(slots_of_shard) == SHARDS and all(len(s) == 1 for s in slots_of_shard.values())
 
 
-def across_epochs(loader, n: int) -> list[dict]:
-    out: list[dict] = []
-    while len(out) < n:
-        for batch in loader:
-            out.append(batch)
-            if len(out) == n:
-                break
-    return out
 
 
 @pytest.mark.parametrize("resampled", [True, False])
