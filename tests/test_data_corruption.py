@@ -2,9 +2,7 @@
 per reason, and logged with shard and key."""
 from __future__ import annotations
 
-import functools
 import gzip
-import http.server
 import io
 import json
 import logging
@@ -13,7 +11,6 @@ import shutil
 import struct
 import subprocess
 import tarfile
-import threading
 import warnings
 import zlib
 from collections import Counter
@@ -25,6 +22,7 @@ from PIL import Image
 
 from bigfiles import zero_png
 from conftest_data import EXPECTED_KINDS, make_loader, manifest, read_samples, shards_of, take, write_samples
+from foreign_shards import http_server
 from mmoe_ds.data import MmoeProcessor
 from mmoe_ds.data.schema import SAMPLE_KINDS, SKIP_REASONS
 from mmoe_ds.data.shards import ShardUnreadable, decode, infer_kind, iter_raw, open_shard
@@ -467,16 +465,8 @@ def http_root(tmp_path):
     """A real HTTP server on 127.0.0.1 serving tmp_path/www."""
     root = tmp_path / "www"
     root.mkdir()
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", root
-    server.shutdown()
-    server.server_close()
+    with http_server(root) as url:
+        yield url, root
 
 
 def test_every_kind_of_location_gives_the_same_samples(foreign_shard, http_root):
