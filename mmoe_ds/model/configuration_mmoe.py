@@ -13,6 +13,9 @@ class MmoeConfig(PretrainedConfig):
     names; every other routing field lives in `router` (see `RouterConfig`). `moe_backend`
     chooses DeepSpeed's expert-parallel layer ("deepspeed", training) or the pure-torch one
     ("torch", inference/export); both have the same parameter names.
+    `modality_embedding` (default True) adds a learned per-modality vector to every token's
+    embedding; False removes it (no parameter), so only the router's own modality input, if
+    any, tells image and text apart (the "agnostic router is not blind" confound).
     The total loss is text CE + image_loss_coef · patch MSE + router_aux_loss_coef · mean over
     MoE layers of the router's weighted aux losses.
     """
@@ -26,7 +29,7 @@ class MmoeConfig(PretrainedConfig):
                  max_position_embeddings=128, rms_norm_eps=1e-6, initializer_range=0.02, image_size=28,
                  patch_size=7, num_channels=1, image_loss_coef=0.0, image_token_id=3, moe_backend="torch",
                  ep_size=1, expert_init_seed=0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                 tie_word_embeddings=False, use_cache=True, **kwargs):
+                 tie_word_embeddings=False, use_cache=True, modality_embedding=True, **kwargs):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -51,6 +54,7 @@ class MmoeConfig(PretrainedConfig):
         self.ep_size = ep_size
         self.expert_init_seed = expert_init_seed
         self.use_cache = use_cache
+        self.modality_embedding = modality_embedding
         super().__init__(pad_token_id=pad_token_id, bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
         self.validate_model_fields()
@@ -64,6 +68,8 @@ class MmoeConfig(PretrainedConfig):
             raise ValueError(f"MmoeConfig.image_size={self.image_size} must be a multiple of patch_size={self.patch_size}.")
         if self.moe_layer_frequency < 1:
             raise ValueError("MmoeConfig.moe_layer_frequency: an MoE block every N >= 1 layers.")
+        if not isinstance(self.modality_embedding, bool):
+            raise ValueError(f"MmoeConfig.modality_embedding: true or false, got {self.modality_embedding!r}.")
         if self.moe_backend not in ("torch", "deepspeed"):
             raise ValueError(f"MmoeConfig.moe_backend: 'torch' or 'deepspeed', got {self.moe_backend!r}.")
         if self.num_patches + 2 > self.max_position_embeddings:

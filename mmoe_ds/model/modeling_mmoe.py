@@ -134,7 +134,8 @@ class MmoeModel(MmoePreTrainedModel):
         d = config.hidden_size
         self.embed_tokens = nn.Embedding(config.vocab_size, d)
         self.patch_embed = nn.Linear(config.patch_dim, d)
-        self.modality_embed = nn.Embedding(2, d)
+        # Optional (config.modality_embedding): without it no parameter exists and nothing is added.
+        self.modality_embed = nn.Embedding(2, d) if config.modality_embedding else None
         self.position_embed = nn.Embedding(config.max_position_embeddings, d)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(d, config.rms_norm_eps)
@@ -157,7 +158,7 @@ class MmoeModel(MmoePreTrainedModel):
                                  f"{patches.shape[0]}x{patches.shape[1]} patches; every image sample needs exactly "
                                  f"{self.config.num_patches} <image> tokens.")
             h = h.masked_scatter(image_positions[..., None], patches.reshape(-1, h.shape[-1]))
-        return h + self.modality_embed(modality_ids)
+        return h if self.modality_embed is None else h + self.modality_embed(modality_ids)
 
     def forward(self, input_ids, pixel_patches=None, attention_mask=None, modality_ids=None,
                 past_key_values=None, use_cache=None, **_):
