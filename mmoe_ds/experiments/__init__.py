@@ -1,0 +1,1 @@
+"""Small, self-contained experiments on mmoe-ds's routing (see docs/experiments.md)."""
