@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import math
 
-import deepspeed
 import torch
 from torch import nn
 
-from ep_worker import (D, F, MODES, TinyMoEModel, finish_worker, local_state, rel_diff, router_config, routing_fields,
-                       start_worker)
+from ep_worker import (D, F, MODES, finish_worker, local_state, rel_diff, router_config, routing_fields,
+                       start_worker, tiny_engine)
 from mmoe_ds.moe import TorchMoE
 from mmoe_ds.moe.deepspeed_layer import DeepSpeedMoE
 from naive_moe import naive_moe
@@ -56,12 +55,7 @@ def empty_rank_layers(rank: int) -> dict:
 
 def engine_steps_with_an_empty_rank(rank: int) -> list[float]:
     """DeepSpeed steps where rank 1's micro batch holds no tokens: must neither hang nor go NaN."""
-    torch.manual_seed(0)
-    model = TinyMoEModel()
-    config = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1,
-              "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "torch_adam": True}},
-              "zero_optimization": {"stage": 1}, "steps_per_print": 1000}
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=config)
+    engine = tiny_engine()
     g = torch.Generator().manual_seed(7 + rank)
     tokens = 12 if rank == 0 else 0
     x, m = torch.randn(8, tokens, D, generator=g), torch.randint(0, 2, (8, tokens), generator=g)

@@ -131,13 +131,19 @@ class TinyMoEModel(nn.Module):
         return self.out(h.hidden_states), h.aux_loss
 
 
-def train_steps(rank: int) -> list[float]:
+def tiny_engine():
+    """A DeepSpeed engine (ZeRO-1, Adam, micro batch 8) around a seeded TinyMoEModel."""
     torch.manual_seed(0)
     model = TinyMoEModel()
     config = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1,
               "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "torch_adam": True}},
               "zero_optimization": {"stage": 1}, "steps_per_print": 1000}
     engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=config)
+    return engine
+
+
+def train_steps(rank: int) -> list[float]:
+    engine = tiny_engine()
     g = torch.Generator().manual_seed(7 + rank)
     target_map = torch.randn(D, D, generator=g)
     x, m = torch.randn(8, 12, D, generator=g), torch.randint(0, 2, (8, 12), generator=g)
