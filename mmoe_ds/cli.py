@@ -19,6 +19,8 @@ SUBCOMMANDS = {
                              "--dry-run lists the files and the card)"),
     "export": ("mmoe_ds.export", "gather a DeepSpeed checkpoint (any ep_size) into one HF folder"),
     "caption": ("mmoe_ds.caption", "caption images with an exported model"),
+    "analyze": ("mmoe_ds.analysis.cli", "routing analysis of a run or an export on a held-out probe set "
+                                        "(analysis.json, analysis.md, PNGs)"),
 }
 
 
