@@ -18,8 +18,9 @@ from .data.processor import MmoeProcessor
 
 def caption_images(model, processor, images, max_new_tokens: int = 12) -> list[str]:
     prompt = processor(images=images, texts=None, add_eos=False)
+    image_key = "pixel_values" if "pixel_values" in prompt else "pixel_patches"  # HF vision tower / patch model
     out = model.generate(input_ids=prompt["input_ids"], attention_mask=prompt["attention_mask"],
-                         pixel_patches=prompt["pixel_patches"], max_new_tokens=max_new_tokens, do_sample=False)
+                         **{image_key: prompt[image_key]}, max_new_tokens=max_new_tokens, do_sample=False)
     new_tokens = out[:, prompt["input_ids"].shape[1]:]
     return processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 

@@ -163,8 +163,8 @@ class Evaluator:
         per image, its pairing with every caption, encoded by the processor in `prepare`)."""
         t = self.trainer
         batch = t.to_device(t.processor.collate([pair for pairs in queries for pair in pairs]))
-        scores = t.engine.module.caption_scores(batch["input_ids"], batch["pixel_patches"], batch["attention_mask"],
-                                                batch["labels"])
+        scores = t.engine.module.caption_scores(batch["input_ids"], batch.get("pixel_patches"), batch["attention_mask"],
+                                                batch["labels"], pixel_values=batch.get("pixel_values"))
         return scores.view(len(queries), len(captions))
 
     @torch.no_grad()

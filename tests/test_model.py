@@ -105,9 +105,46 @@ def test_export_loads_with_trust_remote_code_without_mmoe_ds_or_deepspeed(tmp_pa
     (dict(moe_backend="tutel"), ["moe_backend"]),
     (dict(router={"mode": "agnostic", "num_experts": 8}), ["router", "num_local_experts"]),
     (dict(num_experts_per_tok=5), ["top_k", "pool"]),
+    (dict(num_key_value_heads=3), ["num_key_value_heads", "num_attention_heads"]),
+    (dict(position_embedding_type="alibi"), ["position_embedding_type", "rope"]),
+    (dict(position_embedding_type="rope", rope_scaling={"rope_type": "ntk"}), ["rope_scaling", "rope_type"]),
+    (dict(rope_scaling={"rope_type": "linear", "factor": 2.0}), ["rope_scaling", "position_embedding_type"]),
+    (dict(moe_layers=[1, 2]), ["moe_layers", "0..1"]),
+    (dict(moe_layers=[]), ["moe_layers", "one or more"]),
+    (dict(vision_encoder="clip"), ["vision_encoder", "hf"]),
+    (dict(vision_encoder="hf", image_loss_coef=0.0), ["vision_config", "model_type"]),
+    (dict(vision_projector="mlp3x"), ["vision_projector", "mlp2x_gelu"]),
+    (dict(sliding_window=0), ["sliding_window"]),
 ])
 def test_bad_model_config_fails_at_construction(kwargs, words):
     with pytest.raises(ValueError) as err:
         tiny_config(**kwargs)
     for w in words:
         assert w in str(err.value)
+
+
+LLAMA_STYLE = dict(position_embedding_type="rope", rope_theta=500.0, num_attention_heads=4, num_key_value_heads=2,
+                   attention_bias=True, tie_word_embeddings=True, modality_embedding=False, moe_layers=[0])
+
+
+@pytest.mark.parametrize("extra", [{}, {"sliding_window": 5, "rope_scaling": {"rope_type": "linear", "factor": 2.0}}])
+def test_rope_gqa_model_generates_with_cache_like_full_recompute_and_round_trips(tmp_path, extra):
+    torch.manual_seed(4)
+    model = MmoeForCausalLM(tiny_config(**LLAMA_STYLE, **extra)).eval()
+    attn = model.model.layers[0].attn
+    assert attn.qkv.weight.shape == ((4 + 2 * 2) * 8, 32) and attn.qkv.bias.shape == (64,)
+    assert model.model.position_embed is None and model.lm_head.weight is model.model.embed_tokens.weight
+    b = batch(num=2)
+    prompt = {"input_ids": b["input_ids"][:, : P + 3], "pixel_patches": b["pixel_patches"]}
+    generated = model.generate(**prompt, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0)
+    ids = prompt["input_ids"]
+    with torch.no_grad():
+        for _ in range(6):
+            logits = model(input_ids=ids, pixel_patches=b["pixel_patches"], use_cache=False).logits
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(generated, ids)
+    model.save_pretrained(tmp_path)
+    loaded = MmoeForCausalLM.from_pretrained(tmp_path).eval()
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    with torch.no_grad():
+        assert torch.equal(loaded(**b).logits, model(**b).logits)

@@ -111,8 +111,10 @@ def eval_results(metrics: dict, model_name: str, dataset: str) -> list[EvalResul
 def _routing_design(config: MmoeConfig) -> list[str]:
     rc = config.router_config()
     lines = ["## Routing design", "",
-             f"Mode `{rc.mode}`, {rc.num_experts} experts per MoE layer (an MoE block every "
-             f"{config.moe_layer_frequency} layers), drop tokens: {rc.drop_tokens} (policy `{rc.drop_policy}`, "
+             f"Mode `{rc.mode}`, {rc.num_experts} experts per MoE layer ("
+             + (f"MoE blocks in layers {config.moe_layers}" if getattr(config, "moe_layers", None) is not None
+                else f"an MoE block every {config.moe_layer_frequency} layers")
+             + f"), drop tokens: {rc.drop_tokens} (policy `{rc.drop_policy}`, "
              f"min capacity {rc.min_capacity}).", "",
              "| modality | top-k | capacity factor (train) | capacity factor (eval) | experts it may use |",
              "|---|---|---|---|---|"]
@@ -145,7 +147,22 @@ def _audit_section(audit: RoutingAudit | None) -> list[str]:
     return lines + [""]
 
 
-def _usage(model_id: str) -> list[str]:
+def _image_key(config: MmoeConfig) -> str:
+    """The model's image input: `pixel_values` for an HF vision tower, `pixel_patches` for raw patches."""
+    return "pixel_values" if getattr(config, "vision_encoder", "patch") == "hf" else "pixel_patches"
+
+
+def _image_input(config: MmoeConfig) -> str:
+    if getattr(config, "vision_encoder", "patch") == "hf":
+        vc = config.vision_config
+        return (f"images through the pretrained `{vc.get('model_type')}` vision tower ({vc.get('image_size')} px, "
+                f"{config.vision_projector} projector"
+                + (f", at most {config.vision_max_tokens} image tokens" if config.vision_max_tokens else "") + ").")
+    return (f"images {config.image_size}x{config.image_size} px, {config.num_channels} channel(s), "
+            f"{config.patch_size}x{config.patch_size} patches.")
+
+
+def _usage(model_id: str, image_key: str = "pixel_patches") -> list[str]:
     return ["## How to use", "",
             "The model and its processor are custom code shipped in this repository (`trust_remote_code=True`); "
             "mmoe-ds and DeepSpeed are not needed. Install: `pip install " + " ".join(REQUIREMENTS) + "`.", "",
@@ -158,10 +175,10 @@ def _usage(model_id: str) -> list[str]:
             "processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)",
             "model = AutoModelForCausalLM.from_pretrained(model_id, trust_remote_code=True).eval()",
             'image = Image.new("RGB", (64, 64), "white")  # or Image.open("photo.jpg")',
-            "inputs = processor(images=[image], texts=None, add_eos=False)  # a caption prompt: <bos> + image patches",
+            "inputs = processor(images=[image], texts=None, add_eos=False)  # a caption prompt: <bos> + <image> tokens",
             "with torch.no_grad():",
             '    out = model.generate(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],',
-            '                         pixel_patches=inputs["pixel_patches"], max_new_tokens=16, do_sample=False)',
+            f'                         {image_key}=inputs["{image_key}"], max_new_tokens=16, do_sample=False)',
             'new_tokens = out[:, inputs["input_ids"].shape[1]:]',
             "caption = processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)[0]",
             "print(caption)",
@@ -196,9 +213,8 @@ def model_card(meta: dict, config: MmoeConfig, report_md: Path | None, routing_r
              "A multimodal mixture-of-experts language model (image patches + text -> text) trained with "
              f"mmoe-ds. {origin}", "",
              f"{config.num_hidden_layers} layers, hidden size {config.hidden_size}, {config.num_local_experts} experts "
-             f"per MoE layer, routing mode `{rc.mode}`; images {config.image_size}x{config.image_size} px, "
-             f"{config.num_channels} channel(s), {config.patch_size}x{config.patch_size} patches.", ""]
-    lines += _usage(model_id) + _routing_design(config)
+             f"per MoE layer, routing mode `{rc.mode}`; " + _image_input(config), ""]
+    lines += _usage(model_id, _image_key(config)) + _routing_design(config)
     lines += _audit_section(routing_audit(routing_record) if routing_record else None)
     if metrics:
         lines += ["## Evaluation", "", "The checkpoint's own evaluation (also in the metadata as `model-index`):", "",

@@ -18,6 +18,11 @@ CODE_FILES = {
     "moe/experts.py": "moe_experts.py",
     "moe/layer.py": "moe_layer.py",
 }
+# Shipped when the package has them (the HF vision tower, imported by modeling_mmoe.py for
+# vision_encoder="hf"; transformers copies every relatively imported file, so it must be there).
+OPTIONAL_CODE_FILES = {
+    "model/vision.py": "vision.py",
+}
 # The processor's code, shipped when the export carries a processor.
 PROCESSOR_CODE_FILES = {
     "data/processor.py": "processing_mmoe.py",
@@ -39,7 +44,8 @@ def flatten_imports(source: str, in_moe_package: bool, in_data_package: bool = F
 
 def write_code(out: Path, with_processor: bool = False) -> None:
     """Write the flattened model code (and the processor's, if `with_processor`) into the folder `out`."""
-    files = dict(CODE_FILES, **(PROCESSOR_CODE_FILES if with_processor else {}))
+    files = dict(CODE_FILES, **{src: dst for src, dst in OPTIONAL_CODE_FILES.items() if (PACKAGE / src).is_file()},
+                 **(PROCESSOR_CODE_FILES if with_processor else {}))
     for src, dst in files.items():
         text = (PACKAGE / src).read_text()
         flat = flatten_imports(text, src.startswith("moe/"), src.startswith("data/"))

@@ -1,9 +1,11 @@
 """The multimodal MoE causal LM: image patches and text tokens in one sequence, text out.
 
 Sequence layout (built by the processor): `<bos> <image>×P caption <eos>`; image positions
-carry patch embeddings instead of token embeddings, and modality id 0 (text: 1). Pre-norm
-transformer blocks with SDPA attention; every `moe_layer_frequency`-th FFN is an MoE block
-whose router sees the modality ids.
+carry patch embeddings (or an HF vision tower's projected patch features) instead of token
+embeddings, and modality id 0 (text: 1). Pre-norm transformer blocks with SDPA attention (learned
+absolute positions, or rotary embeddings with grouped-query attention as in Llama / Qwen2 /
+Mistral); the FFNs of `moe_layers` (default: every `moe_layer_frequency`-th) are MoE blocks whose
+router sees the modality ids.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from ..moe.experts import ExpertFFN
 from ..moe.layer import TorchMoE
@@ -46,20 +49,105 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
+class RotaryEmbedding(nn.Module):
+    """cos/sin of rotary position embeddings, computed like transformers' Llama: inverse
+    frequencies from `rope_theta` (default) or from transformers' own `ROPE_INIT_FUNCTIONS` for an
+    HF `rope_scaling` (linear, dynamic, yarn, longrope, llama3), so scaled checkpoints behave as
+    in HF. No parameters or buffers (nothing in the state dict, nothing for meta-device loading to
+    leave uninitialised): the frequencies are cached per device on first use."""
+
+    LENGTH_DEPENDENT = ("dynamic", "longrope")  # frequencies depend on the sequence length
+
+    def __init__(self, config: MmoeConfig):
+        super().__init__()
+        scaling = config.rope_scaling or {}
+        self.rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        self.rope_theta = float(config.rope_theta)
+        self.head_dim = config.attention_head_dim
+        self._scaling, self._config = dict(scaling, rope_type=self.rope_type), config
+        self._cache: dict[torch.device, tuple[Tensor, float]] = {}
+        self._hf = None
+
+    def _hf_config(self):
+        """A transformers LlamaConfig carrying the RoPE fields, the input ROPE_INIT_FUNCTIONS expect
+        (it standardises `rope_scaling` the way the installed transformers version does)."""
+        if self._hf is None:
+            from transformers import LlamaConfig
+
+            c = self._config
+            self._hf = LlamaConfig(hidden_size=c.hidden_size, num_attention_heads=c.num_attention_heads,
+                                   num_key_value_heads=c.num_key_value_heads, head_dim=self.head_dim,
+                                   max_position_embeddings=c.max_position_embeddings, rope_theta=self.rope_theta,
+                                   rope_scaling=dict(self._scaling))
+        return self._hf
+
+    def inv_freq(self, device: torch.device, seq_len: int | None) -> tuple[Tensor, float]:
+        """(inverse frequencies [head_dim / 2] fp32, attention scaling of cos/sin)."""
+        if self.rope_type not in self.LENGTH_DEPENDENT and device in self._cache:
+            return self._cache[device]
+        if self.rope_type == "default":
+            exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float)
+            result = 1.0 / (self.rope_theta ** (exponents / self.head_dim)), 1.0
+        else:
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[self.rope_type](self._hf_config(), device, seq_len=seq_len)
+            result = inv_freq.to(device=device, dtype=torch.float), float(scaling)
+        if self.rope_type not in self.LENGTH_DEPENDENT:
+            self._cache[device] = result
+        return result
+
+    def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """positions [L] -> (cos, sin) [L, head_dim] in `dtype`."""
+        length_dependent = self.rope_type in self.LENGTH_DEPENDENT and positions.numel()
+        seq_len = int(positions[-1]) + 1 if length_dependent else None
+        inv_freq, scaling = self.inv_freq(positions.device, seq_len)
+        freqs = positions[:, None].float() * inv_freq[None]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """q [B, H, L, hd], k [B, KV, L, hd], cos/sin [L, hd]."""
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
 class Attention(nn.Module):
+    """Multi-head or grouped-query attention with one fused qkv projection.
+
+    `qkv` has (heads + 2·kv_heads)·head_dim output rows: q, then k, then v (with kv_heads = heads
+    this is the original layout, 3·hidden). The KV cache holds the kv_heads (not repeated)."""
+
     def __init__(self, config: MmoeConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
-        self.head_dim = config.hidden_size // self.num_heads
-        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
-        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.attention_head_dim
+        width = (self.num_heads + 2 * self.num_kv_heads) * self.head_dim
+        self.qkv = nn.Linear(config.hidden_size, width, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
-    def forward(self, x: Tensor, mask: Tensor, cache: DynamicCache | None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor, cache: DynamicCache | None,
+                rotary: tuple[Tensor, Tensor] | None = None) -> Tensor:
         B, L, _ = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        H, KV, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        if KV == H:
+            q, k, v = self.qkv(x).view(B, L, 3, H, hd).permute(2, 0, 3, 1, 4)
+        else:
+            q, k, v = self.qkv(x).split([H * hd, KV * hd, KV * hd], dim=-1)
+            q, k, v = (t.view(B, L, -1, hd).transpose(1, 2) for t in (q, k, v))
+        if rotary is not None:
+            q, k = apply_rotary(q, k, *rotary)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
+            if k.shape[-2] != mask.shape[-1]:  # a sliding-window cache returns only the newest keys
+                mask = mask[..., -k.shape[-2]:]
+        if KV != H:  # each kv head serves H / KV query heads
+            k, v = (t.repeat_interleave(H // KV, dim=1) for t in (k, v))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, L, -1))
 
@@ -82,8 +170,8 @@ class DecoderLayer(nn.Module):
         self.is_moe = config.is_moe_layer(layer_idx)
         self.ffn = make_moe_block(config) if self.is_moe else ExpertFFN(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, modality_ids, mask, cache):
-        x = x + self.attn(self.attn_norm(x), mask, cache)
+    def forward(self, x, modality_ids, mask, cache, rotary=None):
+        x = x + self.attn(self.attn_norm(x), mask, cache, rotary)
         h = self.ffn_norm(x)
         if not self.is_moe:
             return x + self.ffn(h), None
@@ -133,18 +221,30 @@ class MmoeModel(MmoePreTrainedModel):
         super().__init__(config)
         d = config.hidden_size
         self.embed_tokens = nn.Embedding(config.vocab_size, d)
-        self.patch_embed = nn.Linear(config.patch_dim, d)
+        if config.vision_encoder == "hf":  # a transformers vision model + projector; no patch_embed
+            from .vision import VisionTower
+
+            self.vision = VisionTower(config)
+        else:
+            self.patch_embed = nn.Linear(config.patch_dim, d)
+            self.vision = None
         # Optional (config.modality_embedding): without it no parameter exists and nothing is added.
         self.modality_embed = nn.Embedding(2, d) if config.modality_embedding else None
-        self.position_embed = nn.Embedding(config.max_position_embeddings, d)
+        learned = config.position_embedding_type == "learned"
+        self.position_embed = nn.Embedding(config.max_position_embeddings, d) if learned else None
+        self.rotary = None if learned else RotaryEmbedding(config)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(d, config.rms_norm_eps)
         self.post_init()
 
-    def embed(self, input_ids: Tensor, pixel_patches: Tensor | None, modality_ids: Tensor) -> Tensor:
+    def embed(self, input_ids: Tensor, pixel_patches: Tensor | None, modality_ids: Tensor,
+              pixel_values: Tensor | None = None) -> Tensor:
         h = self.embed_tokens(input_ids)
         image_positions = modality_ids == IMAGE
-        if pixel_patches is not None and bool(image_positions.any()):
+        if self.vision is not None:
+            if pixel_values is not None and bool(image_positions.any()):
+                h = self._scatter_vision_features(h, image_positions, pixel_values)
+        elif pixel_patches is not None and bool(image_positions.any()):
             if pixel_patches.shape[-1] != self.config.patch_dim:
                 c = self.config
                 raise ValueError(f"pixel_patches hold {pixel_patches.shape[-1]} values per patch but this model takes "
@@ -160,8 +260,35 @@ class MmoeModel(MmoePreTrainedModel):
             h = h.masked_scatter(image_positions[..., None], patches.reshape(-1, h.shape[-1]))
         return h if self.modality_embed is None else h + self.modality_embed(modality_ids)
 
+    def _scatter_vision_features(self, h: Tensor, image_positions: Tensor, pixel_values: Tensor) -> Tensor:
+        """Image positions get the vision tower's tokens. `pixel_values`: [B, C, H, W] (one row per
+        sample, rows of samples without an image ignored) or [B_img, C, H, W] (images only)."""
+        with_image = image_positions.any(1)
+        if pixel_values.shape[0] == h.shape[0]:
+            pixel_values = pixel_values[with_image]
+        elif pixel_values.shape[0] != int(with_image.sum()):
+            raise ValueError(f"pixel_values holds {pixel_values.shape[0]} images for a batch of {h.shape[0]} "
+                             f"samples of which {int(with_image.sum())} have <image> tokens; pass one image per "
+                             "sample or one per sample with <image> tokens (the model's processor does).")
+        features = self.vision(pixel_values)  # [B_img, N, d]
+        if features.shape[0] * features.shape[1] != int(image_positions.sum()):
+            raise ValueError(f"{int(image_positions.sum())} image tokens in input_ids but {features.shape[0]}x"
+                             f"{features.shape[1]} vision tokens; every image sample needs exactly "
+                             f"{features.shape[1]} <image> tokens (use the processor saved with the model).")
+        return h.masked_scatter(image_positions[..., None], features.reshape(-1, h.shape[-1]).to(h.dtype))
+
+    def attention_mask_for(self, L: int, past: int, attention_mask: Tensor | None, device) -> Tensor:
+        """[B|1, 1, L, past+L] bool: causal, within `sliding_window` if set, and not padding."""
+        mask = torch.ones(L, past + L, dtype=torch.bool, device=device).tril(past)
+        if self.config.sliding_window is not None:  # key j is visible from query i if i - j < window
+            mask = mask & ~torch.ones_like(mask).tril(past - self.config.sliding_window)
+        mask = mask[None, None]
+        if attention_mask is not None:
+            mask = mask & attention_mask[:, None, None, -(past + L):].bool()
+        return mask
+
     def forward(self, input_ids, pixel_patches=None, attention_mask=None, modality_ids=None,
-                past_key_values=None, use_cache=None, **_):
+                past_key_values=None, use_cache=None, pixel_values=None, **_):
         B, L = input_ids.shape
         if modality_ids is None:
             modality_ids = torch.where(input_ids == self.config.image_token_id, IMAGE, TEXT)
@@ -169,24 +296,28 @@ class MmoeModel(MmoePreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if past + L > self.config.max_position_embeddings:
+        if self.position_embed is not None and past + L > self.config.max_position_embeddings:
             raise ValueError(f"sequence of {past + L} tokens exceeds max_position_embeddings="
                              f"{self.config.max_position_embeddings}.")
         positions = torch.arange(past, past + L, device=input_ids.device)
-        h = self.embed(input_ids, pixel_patches, modality_ids) + self.position_embed(positions)
-        mask = torch.ones(L, past + L, dtype=torch.bool, device=h.device).tril(past)[None, None]
-        if attention_mask is not None:
-            mask = mask & attention_mask[:, None, None, -(past + L):].bool()
+        h = self.embed(input_ids, pixel_patches, modality_ids, pixel_values)
+        rotary = None
+        if self.position_embed is not None:
+            h = h + self.position_embed(positions)
+        else:
+            rotary = self.rotary(positions, h.dtype)
+        mask = self.attention_mask_for(L, past, attention_mask, h.device)
         moe_outputs = []
         for layer in self.layers:
-            h, moe = layer(h, modality_ids, mask, past_key_values if use_cache else None)
+            h, moe = layer(h, modality_ids, mask, past_key_values if use_cache else None, rotary)
             if moe is not None:
                 moe_outputs.append(moe)
         return self.norm(h), moe_outputs, (past_key_values if use_cache else None)
 
 
 class MmoeForCausalLM(MmoePreTrainedModel, GenerationMixin):
-    _tied_weights_keys = {}
+    # Tied only when config.tie_word_embeddings (transformers' rule): the LM head is the input embedding.
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: MmoeConfig):
         super().__init__(config)
@@ -196,12 +327,19 @@ class MmoeForCausalLM(MmoePreTrainedModel, GenerationMixin):
         self.post_init()
         self.init_experts_by_global_id()
 
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
     def forward(self, input_ids, pixel_patches=None, attention_mask=None, modality_ids=None, labels=None,
-                past_key_values=None, use_cache=None, output_router_logits=None, return_dict=True, **kwargs):
+                past_key_values=None, use_cache=None, output_router_logits=None, return_dict=True,
+                pixel_values=None, **kwargs):
         if past_key_values is None:
             past_key_values = kwargs.get("cache")  # transformers >= 5.2x names it `cache`
         hidden, moe_outputs, cache = self.model(input_ids, pixel_patches, attention_mask, modality_ids,
-                                                past_key_values, use_cache)
+                                                past_key_values, use_cache, pixel_values)
         logits = self.lm_head(hidden)
         aux = torch.stack([m.aux_loss for m in moe_outputs]).mean() if moe_outputs else None
         loss = text_loss = image_loss = None
@@ -234,20 +372,24 @@ class MmoeForCausalLM(MmoePreTrainedModel, GenerationMixin):
         return F.mse_loss(predicted[next_is_image].float(), targets[:, 1:][next_is_image].float())
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
-                                      pixel_patches=None, use_cache=True, **kwargs):
+                                      pixel_patches=None, use_cache=True, pixel_values=None, **kwargs):
         past_key_values = past_key_values if past_key_values is not None else kwargs.get("cache")
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if past > 0:  # the cache holds the prompt (and its image): feed only new tokens
             input_ids = input_ids[:, past:]
-            pixel_patches = None
-        return {"input_ids": input_ids, "past_key_values": past_key_values, "attention_mask": attention_mask,
-                "pixel_patches": pixel_patches, "use_cache": use_cache}
+            pixel_patches = pixel_values = None
+        inputs = {"input_ids": input_ids, "past_key_values": past_key_values, "attention_mask": attention_mask,
+                  "pixel_patches": pixel_patches, "use_cache": use_cache}
+        if pixel_values is not None:
+            inputs["pixel_values"] = pixel_values
+        return inputs
 
     @torch.no_grad()
-    def caption_scores(self, input_ids, pixel_patches, attention_mask, labels) -> Tensor:
-        """Sum of log-probabilities of the labelled tokens per sample (for caption ranking)."""
+    def caption_scores(self, input_ids, pixel_patches, attention_mask, labels, pixel_values=None) -> Tensor:
+        """Sum of log-probabilities of the labelled tokens per sample (for caption ranking); images as
+        `pixel_patches` (patch models) or `pixel_values` (HF vision tower)."""
         logits = self(input_ids=input_ids, pixel_patches=pixel_patches, attention_mask=attention_mask,
-                      use_cache=False).logits[:, :-1].float()
+                      use_cache=False, pixel_values=pixel_values).logits[:, :-1].float()
         targets = labels[:, 1:]
         logp = torch.log_softmax(logits, -1).gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1)
         return (logp * (targets != -100)).sum(-1)
