@@ -5,8 +5,10 @@ import math
 import pytest
 import torch
 
-from mmoe_ds.experiments.toy import (ToyConfig, linear_ceiling_e2, fitted_halfspace_tv, main, mean_ci95,
-                                     routing_tv, run_toy, sample_tokens, write_results)
+from mmoe_ds.experiments.toy import (ToyConfig, build_layer, caveats, findings, fitted_halfspace_tv, headline,
+                                     linear_ceiling_e2, linear_example_e4, main, mean_ci95, quadratic_features,
+                                     routing_tv, run_cell, run_toy, sample_tokens, teacher_targets, teachers,
+                                     write_results)
 
 
 def test_linear_ceiling_is_the_hand_computed_gaussian_value():
@@ -21,6 +23,14 @@ def test_measured_halfspace_tv_agrees_with_the_analytic_ceiling():
     assert 0.22 < fitted_halfspace_tv(x, m) < 0.30
 
 
+def test_four_expert_linear_example_matches_hand_value_and_samples():
+    # (2/π)(atan 3 − atan 1/3) = (4/π)·atan(3) − 1 = 0.59033
+    assert linear_example_e4() == pytest.approx(0.59033, abs=1e-4)
+    x, m = sample_tokens("covariance", 20000, 8, torch.Generator().manual_seed(2))
+    logits = torch.stack([x[:, 0], -x[:, 0], x[:, 4], -x[:, 4]], dim=1)  # bias-free linear router, 4 experts
+    assert routing_tv(logits.argmax(-1), m, 4)[0] == pytest.approx(0.590, abs=0.02)
+
+
 def test_routing_tv_and_mean_ci95_hand_values():
     m = torch.tensor([0, 0, 1, 1])
     assert routing_tv(torch.tensor([0, 0, 1, 1]), m, 2)[0] == 1.0
@@ -32,37 +42,99 @@ def test_routing_tv_and_mean_ci95_hand_values():
     assert mean_ci95([0.7])["ci95"] is None  # one seed: no interval
 
 
-def test_tiny_run_writes_results_with_expected_keys(tmp_path):
-    results = run_toy([0], ToyConfig(steps=5, train_tokens=128, test_tokens=128, batch=32),
-                      experts=(2,), regimes=("overlap",), routers=("agnostic", "aware_matched"))
+def test_quadratic_features_hand_values_and_router_width():
+    assert quadratic_features(torch.tensor([[1.0, 2.0], [-3.0, 0.5]])).tolist() == [
+        [1.0, 2.0, 1.0, 2.0, 4.0], [-3.0, 0.5, 9.0, -1.5, 0.25]]  # x1, x2, x1², x1·x2, x2²
+    layer = build_layer("agnostic_quadratic", 16, 4, ToyConfig())
+    assert layer.deepspeed_moe.gate.wg.in_features == 16 + 136  # d + d(d+1)/2
+    out = layer(torch.randn(10, 16), torch.zeros(10, dtype=torch.long))
+    assert out.hidden_states.shape == (10, 16) and out.routing.logits.shape == (10, 4)
+    assert build_layer("aware", 16, 4, ToyConfig()).cfg.mode == "modality_bias"
+    assert build_layer("agnostic_matched", 16, 4, ToyConfig()).cfg.mode == "agnostic"
+
+
+def test_each_modality_gets_its_own_teacher():
+    nets = teachers(4, 8, torch.Generator().manual_seed(0))
+    x = torch.randn(6, 4)
+    m = torch.tensor([0, 1, 1, 0, 1, 0])
+    y = teacher_targets(nets, x, m)
+    with torch.no_grad():
+        for i in range(6):
+            assert torch.allclose(y[i], nets[int(m[i])](x[i:i + 1])[0])
+        assert not torch.allclose(nets[0](x), nets[1](x))  # the two modalities need different functions
+
+
+def test_tiny_run_writes_results_table_and_figure(tmp_path):
+    cfg = ToyConfig(dims=(4,), experts=(2,), steps=5, train_tokens=128, test_tokens=128, batch=32)
+    results = run_toy([0, 1], cfg, regimes=("overlap", "covariance"), routers=("agnostic", "agnostic_quadratic"))
     write_results(results, tmp_path / "out")
     data = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert set(data) >= {"config", "seeds", "ceiling", "cells", "seconds"}
-    assert set(data["cells"]) == {"overlap/E=2/agnostic", "overlap/E=2/aware_matched"}
-    cell = data["cells"]["overlap/E=2/agnostic"]
-    assert set(cell["tv"]) == {"mean", "ci95", "n"} and cell["tv"]["n"] == 1 and 0 <= cell["tv"]["mean"] <= 1
+    assert set(data) >= {"config", "seeds", "ceiling", "cells", "seconds", "findings", "caveats", "headline"}
+    assert data["command"] == ("python -m mmoe_ds.experiments.toy --seeds 0,1 --steps 5 --dims 4 --experts 2 "
+                               "--regimes overlap,covariance --routers agnostic,agnostic_quadratic")
+    assert set(data["cells"]) == {"overlap/d=4/E=2/agnostic", "overlap/d=4/E=2/agnostic_quadratic",
+                                  "covariance/d=4/E=2/agnostic", "covariance/d=4/E=2/agnostic_quadratic"}
+    cell = data["cells"]["overlap/d=4/E=2/agnostic"]
+    assert set(cell["tv"]) == {"mean", "ci95", "n"} and cell["tv"]["n"] == 2 and 0 <= cell["tv"]["mean"] <= 1
+    assert len(cell["runs"]) == 2 and set(data["ceiling"]["e2_measured_axis_halfspace_by_dim"]) == {"4"}
     table = (tmp_path / "out" / "results.md").read_text()
-    assert table.count("| overlap | 2 |") == 2 and " s on CPU" in table
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results.json", "results.md"]
+    assert table.count("| overlap | 4 | 2 |") == 2 and " s on CPU" in table and "tv_vs_ceiling.png" in table
+    assert "**What this says**" in table and "- Covariance regime, d=4, E=2: TV agnostic " in table
+    png = (tmp_path / "out" / "tv_vs_ceiling.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["results.json", "results.md", "tv_vs_ceiling.png"]
 
 
-def test_cli_rejects_bad_seeds_and_dims_with_one_line(capsys):
-    for argv in (["--seeds", "a,b"], ["--dim", "15"]):
+def _summary(mean, ci=0.01):
+    return {"mean": mean, "ci95": ci, "n": 3}
+
+
+def test_findings_judge_the_ceiling_and_flag_disagreeing_seeds():
+    cells = {f"covariance/d=8/E=2/{r}": {"regime": "covariance", "dim": 8, "num_experts": 2, "router": r,
+                                          "tv": _summary(tv, ci), "mse": _summary(0.1)}
+             for r, tv, ci in (("agnostic", 0.30, 0.02), ("agnostic_matched", 0.10, 0.02), ("aware", 0.90, 0.30))}
+    results = {"config": {"dims": [8], "experts": [2], "top_k": 2}, "cells": cells,
+               "ceiling": {"e2_analytic_affine_halfspace": 0.242, "e4_linear_lower_bound": 0.59}}
+    assert findings(results) == [
+        "Covariance regime, d=8, E=2: TV agnostic 0.300 ± 0.020; agnostic_matched 0.100 ± 0.020; "
+        "aware 0.900 ± 0.300. Above the linear ceiling 0.242: agnostic."]
+    assert caveats(results)[-1].endswith("covariance/d=8/E=2/aware (0.900 ± 0.300).")
+    assert headline(results) == ("covariance-shape regime, d=8, E=2: agnostic linear router TV 0.300 ± 0.020 against "
+                                 "a linear ceiling of 0.242; aware router TV 0.900 ± 0.300.")
+
+
+def test_bad_grid_is_refused_at_construction():
+    for kwargs, field in (({"dims": (15,)}, "ToyConfig.dims"), ({"experts": (3,)}, "ToyConfig.experts"),
+                          ({"experts": (2,), "top_k": 3}, "ToyConfig.top_k"), ({"lr": 0.0}, "ToyConfig.lr")):
+        with pytest.raises(ValueError, match=field):
+            ToyConfig(**kwargs)
+    with pytest.raises(ValueError, match="unknown router 'quadratic'"):
+        run_toy([0], ToyConfig(), routers=("quadratic",))
+
+
+def test_cli_rejects_bad_arguments_with_one_line(capsys):
+    for argv in (["--seeds", "a,b"], ["--dims", "15"], ["--routers", "agnostic,nope"], ["--experts", "3"]):
         with pytest.raises(SystemExit) as exc:
             main(argv)
         assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "--seeds: expected comma-separated integers" in err and "ToyConfig.dim" in err
+    assert "--seeds: expected comma-separated integers" in err and "ToyConfig.dims" in err
+    assert "--routers: unknown ['nope']" in err and "ToyConfig.experts" in err
+    assert "Traceback" not in err
 
 
-def test_linear_router_stays_under_ceiling_where_the_aware_router_does_not():
-    results = run_toy([0], ToyConfig(), experts=(2,), regimes=("separable", "covariance"),
-                      routers=("agnostic", "agnostic_matched", "aware", "aware_matched"))
-    tv = {k: c["tv"]["mean"] for k, c in results["cells"].items()}
-    assert tv["separable/E=2/agnostic"] > 0.8 and tv["separable/E=2/aware"] > 0.8
-    ceiling = linear_ceiling_e2()
+def test_linear_router_stays_under_ceiling_where_aware_and_quadratic_routers_do_not():
+    """Acceptance 2 of issue 10, at the default sizes for d = 16, E = 2 (one seed, 5 short runs)."""
+    cfg = ToyConfig(dims=(16,), experts=(2,))
+    results = run_toy([0], cfg, regimes=("covariance",),
+                      routers=("agnostic", "agnostic_matched", "aware", "agnostic_quadratic"))
+    tv = {k.split("/")[-1]: c["tv"]["mean"] for k, c in results["cells"].items()}
+    ceiling = 0.94205 - 0.69989  # hand value of linear_ceiling_e2
     # Agnostic linear router, even when a loss asks for modality-specific routing: at or below the ceiling.
-    assert tv["covariance/E=2/agnostic"] <= ceiling + 0.05
-    assert tv["covariance/E=2/agnostic_matched"] <= ceiling + 0.05
-    # The aware router with the same loss reaches modality routing.
-    assert tv["covariance/E=2/aware_matched"] >= 0.95
+    assert tv["agnostic"] <= ceiling + 0.05 and tv["agnostic_matched"] <= ceiling + 0.05
+    # The aware router learns modality routing from the task gradient alone (no loss asks for it).
+    assert tv["aware"] >= 0.95
+    # A quadratic function of x sees the covariance shape: far above the linear ceiling.
+    assert tv["agnostic_quadratic"] >= 0.9
+    # Control: where the modality is linearly visible (means 8σ apart), a linear agnostic router routes by it.
+    assert run_cell("separable", 16, 4, "agnostic", 0, cfg).tv > 0.95
