@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "caption": ("mmoe_ds.caption", "caption images with an exported model"),
     "analyze": ("mmoe_ds.analysis.cli", "routing analysis of a run or an export on a held-out probe set "
                                         "(analysis.json, analysis.md, PNGs)"),
+    "upcycle": ("mmoe_ds.upcycle", "build an MoE model from a dense HF Llama-family LM (+ an HF vision tower)"),
 }
 
 

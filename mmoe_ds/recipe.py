@@ -49,6 +49,10 @@ class TrainSection:
     checkpoint_every: int = 100
     keep_last: int = 2
     progress_bar: bool = True
+    # Start from an HF folder (`mmoe-ds export` / `mmoe-ds upcycle` output); see mmoe_ds/init_from.py.
+    init_from: str | None = None
+    freeze: list[str] = field(default_factory=list)  # fnmatch patterns of parameters that do not train
+    reinit: list[str] = field(default_factory=list)  # fnmatch patterns of init_from parameters started fresh
 
 
 @dataclass
@@ -97,6 +101,14 @@ class Recipe:
         for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_last", "expert_parallel_size"):
             if getattr(t, name) < 1:
                 raise ConfigError(f"{p}: train.{name} must be >= 1 (got {getattr(t, name)}).")
+        for name in ("freeze", "reinit"):
+            patterns = getattr(t, name)
+            if not isinstance(patterns, list) or not all(isinstance(x, str) and x for x in patterns):
+                raise ConfigError(f"{p}: train.{name} must be a list of parameter-name patterns such as "
+                                  f"[\"*.deepspeed_moe.gate.*\"] (got {patterns!r}).")
+        if t.reinit and not t.init_from:
+            raise ConfigError(f"{p}: train.reinit re-initialises weights loaded by train.init_from, which is not set "
+                              f"(every parameter starts fresh already); set train.init_from or remove train.reinit.")
         for reserved in ("moe_backend", "ep_size", "vocab_size"):
             if reserved in self.model:
                 raise ConfigError(f"{p}: model.{reserved} is set by mmoe-ds (backend, train.expert_parallel_size, "
@@ -105,6 +117,18 @@ class Recipe:
         if modalities is not None and tuple(modalities) != ("image", "text"):
             raise ConfigError(f"{p}: model.router.modalities={modalities} does not match the data's modalities "
                               f"['image', 'text']; remove the field or fix its order.")
+        if t.init_from is not None:
+            if not isinstance(t.init_from, str) or not t.init_from:
+                raise ConfigError(f"{p}: train.init_from must be the path of an `mmoe-ds export` or `mmoe-ds upcycle` "
+                                  f"folder (got {t.init_from!r}).")
+            from .init_from import check_overrides
+
+            check_overrides(self.model, p)
+            return  # the model's other checks need the folder's config.json: see mmoe_ds.train.check_init_from
+        if self.model.get("vision_encoder", "patch") != "patch":
+            raise ConfigError(f"{p}: model.vision_encoder={self.model['vision_encoder']!r} needs the vision model's "
+                              f"weights and image processor; build the model with `mmoe-ds upcycle --lm LM --vision "
+                              f"VISION --out DIR` and set train.init_from to DIR (leave vision_encoder out).")
         experts = self.model.get("num_local_experts", 4)
         if experts % t.expert_parallel_size:
             raise ConfigError(f"{p}: train.expert_parallel_size={t.expert_parallel_size} must divide "

@@ -19,7 +19,7 @@ from .data.captions import CLASS_NAMES
 from .data.loader import BalancedLoader, LoaderConfig, shard_kinds, shard_location
 from .data.processor import MmoeProcessor
 from .data.shards import decode, iter_raw
-from .recipe import EVAL_METRICS, SAMPLE_KINDS, DataSection
+from .recipe import EVAL_METRICS, SAMPLE_KINDS, ConfigError, DataSection
 CLASS_RANK_SOURCES = ("fashion_mnist", "digits")  # labelled embedded sources, in order of preference
 
 
@@ -201,9 +201,14 @@ def check_data(data: DataSection, world_size: int) -> DataCheck:
 
 
 # -- loaders --------------------------------------------------------------------------------------
-def load_processor(data: DataSection) -> MmoeProcessor:
-    processor = MmoeProcessor.from_pretrained(Path(data.dir) / "processor")
-    processor.max_length = data.max_length
+def load_processor(data: DataSection, directory: str | Path | None = None) -> MmoeProcessor:
+    """The processor a run encodes with: the one saved in `directory` (a `train.init_from` folder that
+    has one), else the prepared dataset's; `data.max_length` applies either way."""
+    processor = MmoeProcessor.from_pretrained(Path(directory) if directory is not None else Path(data.dir) / "processor")
+    try:
+        processor.max_length = data.max_length
+    except ValueError as e:  # too short for the image tokens
+        raise ConfigError(f"data.max_length={data.max_length}: {e}") from None
     return processor
 
 

@@ -8,7 +8,9 @@ mmoe_ds/launch_env.py and launch/README.md).
 Everything comes from the two JSON files. Configuration, and the prepared data against the
 recipe (every kind of the composition in the train split, something for evaluation to measure),
 are checked before DeepSpeed is even imported (`--check` only checks). Resumes from
-`<output_dir>/checkpoints/latest` if present.
+`<output_dir>/checkpoints/latest` if present; otherwise starts from `train.init_from` (an HF folder
+written by `mmoe-ds export` or `mmoe-ds upcycle`) when set, else from a fresh initialisation.
+`train.freeze` / `train.reinit` choose what trains (mmoe_ds/init_from.py).
 
 At a step that both checkpoints and evaluates, the checkpoint is written first (the evaluation's
 metrics are added to its meta.json afterwards), and a failed evaluation is logged and recorded
@@ -49,15 +51,96 @@ def parse_args(argv):
 
 
 def load_and_validate(args) -> tuple[Recipe, dict, int, DataCheck]:
-    """Recipe, DeepSpeed config, world size and the data check; raises ConfigError naming the fix."""
+    """Recipe, DeepSpeed config, world size and the data check; raises ConfigError naming the fix.
+    With `--check`, a `train.init_from` folder that does not exist yet is reported in the summary
+    instead (a cluster recipe can be checked before its weights are fetched)."""
     world_size = args.world_size or int(os.environ.get("WORLD_SIZE", 1))
     recipe = Recipe.load(args.recipe)
     ds_path = deepspeed_config_path(args.deepspeed_config)
     ds_config = validate_launch(recipe, load_ds_config(ds_path), ds_path, world_size)
+    init_note = check_init_from(recipe, must_exist=not getattr(args, "check", False))
     data_check = check_data(recipe.data, world_size)
     if not data_check.ok:
         raise ConfigError(f"{recipe.path}: " + "; ".join(data_check.problems))
+    if init_note:
+        data_check.summary += f"; {init_note}"
     return recipe, ds_config, world_size, data_check
+
+
+def init_model_kwargs(recipe: Recipe, source) -> dict:
+    """MmoeConfig arguments of a run starting from `source` (an InitSource): its config with the
+    recipe's overrides, validated at the run's expert-parallel size. Raises ConfigError."""
+    from .init_from import model_config_kwargs
+    from .model import MmoeConfig
+
+    kwargs = model_config_kwargs(source, recipe.model)
+    ep = recipe.train.expert_parallel_size
+    if source.num_experts % ep:
+        raise ConfigError(f"{recipe.path}: train.expert_parallel_size={ep} must divide the {source.num_experts} "
+                          f"experts of train.init_from={source.path}; choose a divisor of {source.num_experts}.")
+    try:
+        MmoeConfig(**kwargs, moe_backend="torch", ep_size=ep)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{recipe.path}: the model of train.init_from={source.path} with the recipe's model "
+                          f"overrides is invalid: {e}") from None
+    return kwargs
+
+
+def check_patterns(recipe: Recipe, model_kwargs: dict) -> None:
+    """train.freeze / train.reinit patterns against the parameter names of the model, built on the
+    meta device (no memory, no weights). Raises ConfigError for a pattern that matches nothing."""
+    from .init_from import match
+    from .model import MmoeConfig, MmoeForCausalLM
+
+    t = recipe.train
+    if not t.freeze and not t.reinit:
+        return
+    with torch.device("meta"):
+        names = [n for n, _ in MmoeForCausalLM(MmoeConfig(**model_kwargs, moe_backend="torch")).named_parameters()]
+    match(names, t.freeze, "train.freeze")
+    match(names, t.reinit, "train.reinit")
+
+
+def check_init_from(recipe: Recipe, must_exist: bool = True) -> str:
+    """Check `train.init_from` (its config.json only, no weights) against the recipe.
+
+    Returns: "" without init_from, else a one-line note for `--check`'s summary.
+    Raises: ConfigError naming the field and the fix."""
+    from .init_from import read_init_source
+
+    path = recipe.train.init_from
+    if not path:
+        return ""
+    if not must_exist and not (Path(path) / "config.json").is_file():
+        return (f"init_from: {path} is not there yet (checked without it; fetch the weights and run "
+                f"`mmoe-ds upcycle ... --out {path}` before training, see README)")
+    source = read_init_source(path, need_weights=must_exist)
+    kwargs = init_model_kwargs(recipe, source)
+    check_patterns(recipe, kwargs)
+    processor = "its processor" if source.has_processor else "the data's processor"
+    return (f"init_from: {path} ({kwargs.get('num_local_experts', 4)} experts, hidden {kwargs.get('hidden_size')}, "
+            f"{processor})")
+
+
+def check_processor_fits(processor, config, source) -> None:
+    """The processor a run encodes with must fit the init_from model: every token id within its
+    vocabulary, the same <image> id and (patch models) the same image geometry. Raises ConfigError."""
+    where = f"train.init_from={source.path}"
+    whose = "its own processor" if source.has_processor else "the data's processor (the folder has none)"
+    tok = processor.tokenizer
+    problems = []
+    if len(tok) > config.vocab_size:
+        problems.append(f"{len(tok)} tokens but the model's vocab_size is {config.vocab_size}")
+    if processor.image_token_id != config.image_token_id:
+        problems.append(f"<image> is token {processor.image_token_id} but the model's image_token_id is "
+                        f"{config.image_token_id}")
+    if getattr(config, "vision_encoder", "patch") == "patch":
+        for name in ("image_size", "patch_size", "num_channels"):
+            if getattr(processor, name, None) != getattr(config, name):
+                problems.append(f"{name}={getattr(processor, name, None)} but the model's is {getattr(config, name)}")
+    if problems:
+        raise ConfigError(f"{where}: {whose} does not fit the model ({'; '.join(problems)}); save the processor the "
+                          f"model was trained with into the folder (mmoe-ds export does) or prepare the data with it.")
 
 
 class Trainer:
@@ -71,6 +154,7 @@ class Trainer:
         import deepspeed
         import torch.distributed as dist
 
+        from .init_from import freeze, load_init_weights, read_init_source, trainable_parameters
         from .recipe_data import ensure_dataset, load_processor, make_train_loader
         from .model import MmoeConfig, MmoeForCausalLM
 
@@ -95,17 +179,32 @@ class Trainer:
         if not data_check.ok:
             raise ConfigError(f"{r.path}: " + "; ".join(data_check.problems))
         self.eval_plan = data_check.plan
-        self.processor = load_processor(r.data)
+        source = read_init_source(t.init_from) if t.init_from else None
+        self.processor = load_processor(r.data, source.path if source is not None and source.has_processor else None)
+        self.processor_dir = self.save_run_processor() if source is not None else Path(r.data.dir, "processor")
         torch.manual_seed(t.seed)  # identical dense init on every rank; experts are seeded by global id
-        tok = self.processor.tokenizer
-        self.model_config = MmoeConfig(
-            **r.model, vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id, image_token_id=tok.convert_tokens_to_ids("<image>"),
-            image_size=self.processor.image_size, patch_size=self.processor.patch_size,
-            num_channels=self.processor.num_channels, moe_backend="deepspeed", ep_size=t.expert_parallel_size)
+        self.model_config = MmoeConfig(**self.model_kwargs(source), moe_backend="deepspeed",
+                                       ep_size=t.expert_parallel_size)
+        if source is not None:
+            check_processor_fits(self.processor, self.model_config, source)
         model = MmoeForCausalLM(self.model_config)
-        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
-                                               config=self.ds_config)
+        ep = t.expert_parallel_size
+        ep_rank, local_experts = self.rank % ep, self.model_config.num_local_experts // ep
+        if source is not None and checkpoint.latest_tag(checkpoint.checkpoint_dir(self.out)) is None:
+            self.log(load_init_weights(model, source, ep_rank, ep, t.reinit).summary(source.path))
+        elif source is not None:  # the run's own checkpoint is loaded below and takes precedence
+            self.log(f"a checkpoint of this run exists: resuming from it, not from train.init_from={source.path}")
+        frozen = freeze(model, t.freeze, ep_rank, ep, local_experts)
+        trainable = trainable_parameters(model)
+        if not trainable:
+            raise ConfigError(f"{r.path}: train.freeze (and model.freeze_vision_tower) leave no parameter to train; "
+                              f"narrow the patterns.")
+        if len(trainable) < len(list(model.parameters())):
+            self.log(f"training {sum(p.numel() for p in trainable):,} of {sum(p.numel() for p in model.parameters()):,} "
+                     f"parameters on rank 0 ({len(frozen)} tensors frozen by train.freeze)")
+        # Frozen parameters stay out of the optimizer: no state, no update (DeepSpeed's ZeRO 1/2 and its
+        # expert / non-expert groups only see these).
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=self.ds_config)
         self.device = self.engine.device
         self.metrics = MetricsWriter(self.out / "metrics.jsonl", enabled=self.rank == 0,
                                      monitor=getattr(self.engine, "monitor", None))
@@ -121,6 +220,29 @@ class Trainer:
                 checkpoint.set_rng_state(rank_state["rng"])
             self.log(f"resumed from step {self.start_step} (written at ep_size={meta['ep_size']})")
             self.metrics.truncate_after(self.start_step)
+
+    def model_kwargs(self, source) -> dict:
+        """MmoeConfig arguments: the init_from folder's (with the recipe's overrides), or the recipe's
+        model section with the processor's vocabulary, special tokens and image geometry."""
+        if source is not None:
+            return init_model_kwargs(self.recipe, source)
+        tok, proc = self.processor.tokenizer, self.processor
+        return dict(self.recipe.model, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                    image_token_id=tok.convert_tokens_to_ids("<image>"), image_size=proc.image_size,
+                    patch_size=proc.patch_size, num_channels=proc.num_channels)
+
+    def save_run_processor(self) -> Path:
+        """Save the processor this run encodes with to OUT/processor (rank 0, whole or not at all), so
+        that exports of the run carry it. Collective."""
+        from .atomic import staged_directory
+
+        target = self.out / "processor"
+        if self.rank == 0:
+            with staged_directory(target) as tmp:
+                self.processor.save_pretrained(tmp)
+        self.dist.barrier()
+        return target
 
     # -- logging ---------------------------------------------------------------------------------
     def log(self, message: str) -> None:
@@ -187,8 +309,9 @@ class Trainer:
 
     # -- loop ------------------------------------------------------------------------------------
     def to_device(self, batch: dict) -> dict:
-        keep = ("input_ids", "attention_mask", "labels", "modality_ids", "pixel_patches")
-        return {k: batch[k].to(self.device) for k in keep}
+        """The model's inputs of a loader batch (image patches, or pixel values for a vision tower)."""
+        keep = ("input_ids", "attention_mask", "labels", "modality_ids", "pixel_patches", "pixel_values")
+        return {k: batch[k].to(self.device) for k in keep if k in batch}
 
     def train(self, evaluator=None) -> dict:
         """Collective: train to `train.steps`, evaluating and checkpointing on schedule.
@@ -259,7 +382,7 @@ class Trainer:
         meta = {"ep_size": t.expert_parallel_size, "world_size": self.world_size,
                 "model_config": {k: v for k, v in self.model_config.to_dict().items()
                                  if k not in ("moe_backend", "ep_size", "transformers_version")},
-                "processor_dir": str(Path(self.recipe.data.dir, "processor").resolve()),
+                "processor_dir": str(self.processor_dir.resolve()),
                 "report_dir": str((self.out / "report").resolve()), "recipe": self.recipe.to_dict(), "metrics": metrics}
         rank_state = {"loader": self.loader.state_dict(), "rng": checkpoint.rng_state()}
         tag = checkpoint.save(self.engine, str(self.out), step, meta, rank_state, t.keep_last)

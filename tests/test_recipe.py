@@ -76,7 +76,7 @@ def test_router_errors_surface_at_model_config(tmp_path):
 def test_every_shipped_recipe_and_ds_config_is_valid():
     from mmoe_ds.model import MmoeConfig
 
-    for recipe_path in sorted((REPO / "recipes").rglob("*.json")):
+    for recipe_path in sorted(p for p in (REPO / "recipes").rglob("*.json") if "experiments" not in p.parts):
         recipe = Recipe.load(recipe_path)
         MmoeConfig(**recipe.model)
         world = max(2, recipe.train.expert_parallel_size)

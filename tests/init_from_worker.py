@@ -1,0 +1,90 @@
+"""Run by tests/test_init_from.py on 2 processes: the real trainer (`Trainer.setup` + `train`) with
+the recipe's train.init_from / freeze / reinit, recording what the test cannot see from outside.
+
+Arguments: those of mmoe_ds.train plus `--out PREFIX` and optionally `--kill-at-step N`: rank 1
+then dies of SIGKILL at step N (a test double of the evaluator does it when step N's evaluation
+starts, after any checkpoint of that step; the recipe must evaluate at N), as a crashed node would.
+Writes, per rank:
+  PREFIX.rank{r}.json  {"ep_rank", "frozen": names with requires_grad False,
+                        "in_optimizer": names of the parameters DeepSpeed's optimizer holds,
+                        "resumed_from": the step the run resumed at (0: none)}
+  PREFIX.rank{r}.before.pt / .after.pt  {global name: tensor} right after setup / after training
+Parameter names are global (an expert's id as an export names it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+
+import torch
+
+from mmoe_ds.evaluate import Evaluator
+from mmoe_ds.init_from import global_names
+from mmoe_ds.teardown import exit_process
+from mmoe_ds.train import Trainer, load_and_validate, parse_args
+
+
+def optimizer_params(engine) -> list:
+    """The parameters DeepSpeed's optimizer updates: ZeRO's bit16 groups, the bf16 optimizer's (ZeRO-0
+    bf16), else the torch param groups."""
+    groups = getattr(engine.optimizer, "bit16_groups", None) or getattr(engine.optimizer, "bf16_groups", None)
+    if groups is None:
+        groups = [g["params"] for g in engine.optimizer.param_groups]
+    return [p for group in groups for p in group]
+
+
+class KillingEvaluator(Evaluator):
+    """The real evaluation; on rank 1 at step `kill_at` the process is SIGKILLed first."""
+
+    kill_at: int | None = None
+
+    def prepare(self, step: int) -> None:
+        if step == self.kill_at and self.trainer.rank == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        super().prepare(step)
+
+
+def take_option(argv: list[str], name: str) -> str | None:
+    """Remove `name VALUE` from argv; returns VALUE (None if absent)."""
+    if name not in argv:
+        return None
+    i = argv.index(name)
+    value = argv[i + 1]
+    del argv[i:i + 2]
+    return value
+
+
+def snapshot(named: dict) -> dict:
+    return {n: p.detach().clone() for n, p in named.items()}
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    out = take_option(argv, "--out")
+    kill_at = take_option(argv, "--kill-at-step")
+    recipe, ds_config, world_size, _ = load_and_validate(parse_args(argv))
+    trainer = Trainer(recipe, ds_config, world_size)
+    trainer.setup()
+    config, ep = trainer.model_config, recipe.train.expert_parallel_size
+    ep_rank = trainer.rank % ep
+    named = global_names(trainer.engine.module, ep_rank, config.num_local_experts // ep)
+    held = {id(p) for p in optimizer_params(trainer.engine)}
+    torch.save(snapshot(named), f"{out}.rank{trainer.rank}.before.pt")
+    result = {"ep_rank": ep_rank, "resumed_from": trainer.start_step,
+              "frozen": sorted(n for n, p in named.items() if not p.requires_grad),
+              "in_optimizer": sorted(n for n, p in named.items() if id(p) in held)}
+    evaluator = KillingEvaluator(trainer, trainer.eval_plan)
+    evaluator.kill_at = int(kill_at) if kill_at else None
+    trainer.train(evaluator=evaluator)
+    torch.save(snapshot(named), f"{out}.rank{trainer.rank}.after.pt")
+    with open(f"{out}.rank{trainer.rank}.json", "w") as f:
+        json.dump(result, f)
+    trainer.dist.barrier()
+    exit_process(0)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
