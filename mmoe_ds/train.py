@@ -322,6 +322,7 @@ class Trainer:
         Returns:
             {"eval": the last successful evaluation's metrics, "report": routing report paths}.
         """
+        from .analysis.alarms import routing_alarms
         from .evaluate import Evaluator
         from .moe.router import RoutingStats
 
@@ -335,6 +336,7 @@ class Trainer:
 
             progress = tqdm(total=t.steps, initial=self.start_step, desc="train", dynamic_ncols=True,
                             mininterval=1.0 if sys.stderr.isatty() else 30.0)
+        moe_layers = [i for i in range(self.model_config.num_hidden_layers) if self.model_config.is_moe_layer(i)]
         window: list = []
         window_stats: list[RoutingStats] | None = None
         last_eval: dict = {}
@@ -359,6 +361,9 @@ class Trainer:
                           "samples_per_s": len(window) * self.recipe.micro_batch_size * self.world_size / max(elapsed, 1e-9),
                           "skipped": self.skip_counts(),
                           "routing": [s.to_dict(self.model_config.router_config().modalities) for s in window_stats]}
+                record.update(routing_alarms(record["routing"], moe_layers).fields())
+                if record["alarm_total"]:
+                    self.log(f"step {step}: {record['alarm_total']} routing alarm(s); first: {record['alarms'][0]['message']}")
                 self.metrics.write(record)
                 window, window_stats, tic = [], None, time.perf_counter()
             saved = step % t.checkpoint_every == 0 or step == t.steps
