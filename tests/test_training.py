@@ -70,7 +70,13 @@ def test_training_lowers_loss_and_writes_metrics_and_report(run_a):
     png = run_a / "report" / "routing_report.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| image |" in (run_a / "report" / "routing_report.md").read_text()
-    assert list((run_a / "tensorboard").rglob("events.out.tfevents*")), "DeepSpeed's monitor wrote no TensorBoard events"
+    events = list((run_a / "tensorboard").rglob("events.out.tfevents*"))
+    assert events, "DeepSpeed's monitor wrote no TensorBoard events"
+    # routing alarms: in every train record, counted, and mirrored to the monitor as scalars
+    for r in (r for r in records if r["kind"] == "train"):
+        assert isinstance(r["alarms"], list) and r["alarm_total"] == len(r["alarms"])
+        assert r["alarm_total"] == r["alarm_dead_expert"] + r["alarm_monopoly"] + r["alarm_few_experts"]
+    assert any(b"train/alarm_total" in p.read_bytes() for p in events)
     tags = sorted(p.name for p in (run_a / "checkpoints").iterdir() if p.is_dir())
     assert tags == ["step00000010", "step00000020", "step00000030"]
     assert (run_a / "checkpoints" / "latest").read_text() == "step00000030"
