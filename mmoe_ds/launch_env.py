@@ -11,11 +11,16 @@ MASTER_ADDR, MASTER_PORT), which is all `deepspeed.init_distributed` reads:
   processes with torchrun and passes its DeepSpeed settings as ACCELERATE_* variables;
   `deepspeed_config_path` takes the config file from there when `--deepspeed_config` is absent,
   and refuses the accelerate settings this trainer would otherwise silently ignore.
+
+`free_port` is for whoever starts a launcher (the experiment runner, the tests).
 """
 from __future__ import annotations
 
 import os
+import random
+import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import MutableMapping
 
 from .recipe import ZERO3_UNSUPPORTED, ConfigError
@@ -104,3 +109,34 @@ def deepspeed_config_path(cli_path: str | None, environ: MutableMapping[str, str
         raise ConfigError("no DeepSpeed config; pass --deepspeed_config ds_configs/<name>.json "
                           "(or accelerate launch --deepspeed_config_file ds_configs/<name>.json).")
     return path
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now and that the kernel does not hand out by itself.
+
+    Asking the kernel for port 0 and passing the number on races: until the worker binds it, the
+    kernel may give the same ephemeral port to another process's `bind(0)` or outgoing connection
+    (every gloo connection takes one). A port below the ephemeral range is only ever taken by
+    someone naming it, so this picks a random one there that binds now.
+    """
+    low, _ = _ephemeral_range()
+    candidates = list(range(20000, low)) if low > 21000 else []
+    random.shuffle(candidates)
+    for port in candidates[:200]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # no room below the ephemeral range: fall back to the kernel's choice
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

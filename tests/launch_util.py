@@ -6,8 +6,6 @@ were written, so a failure shows what each worker printed just before it.
 from __future__ import annotations
 
 import os
-import random
-import socket
 import subprocess
 import sys
 import time
@@ -16,38 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from mmoe_ds import launch_env
+
 REPO = Path(__file__).resolve().parents[1]
 
-
-def _ephemeral_range() -> tuple[int, int]:
-    try:
-        low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-        return low, high
-    except (OSError, ValueError):
-        return 32768, 60999
+free_port = launch_env.free_port  # re-exported: the tests import it from here
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that is free now and that the kernel does not hand out by itself.
-
-    Asking the kernel for port 0 and passing the number on races: until the worker binds it, the
-    kernel may give the same ephemeral port to another process's `bind(0)` or outgoing connection
-    (every gloo connection takes one). A port below the ephemeral range is only ever taken by
-    someone naming it, so this picks a random one there that binds now.
-    """
-    low, _ = _ephemeral_range()
-    candidates = list(range(20000, low)) if low > 21000 else []
-    random.shuffle(candidates)
-    for port in candidates[:200]:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as s:  # no room below the ephemeral range: fall back to the kernel's choice
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)

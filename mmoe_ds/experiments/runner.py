@@ -17,8 +17,6 @@ import copy
 import hashlib
 import json
 import os
-import random
-import socket
 import subprocess
 import sys
 import threading
@@ -31,6 +29,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from mmoe_ds.atomic import atomic_write_text
+from mmoe_ds.launch_env import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 MODES_DIR = REPO / "recipes" / "modes"
@@ -129,22 +128,6 @@ def mode_recipe(name: str) -> str:
         raise ExperimentError(f"{path}: no such routing recipe; choose one of "
                               f"{sorted(p.stem for p in MODES_DIR.glob('*.json'))}.")
     return str(path)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 free now, below the kernel's ephemeral range when there is room."""
-    ports = list(range(20000, 32000))
-    random.shuffle(ports)
-    for port in ports[:200]:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
