@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .runner import (Run, RunSpec, Runner, bar_panel, contrast, experiment_command, mode_recipe, new_figure,
+from .runner import (TRAINING_ROUTING_CAVEAT, Run, RunSpec, Runner, bar_panel, contrast, experiment_command, mode_recipe, new_figure,
                      routing_counts, run_metrics, save_figure, summarize, write_results)
 
 NAME = "e1_matched"
@@ -196,8 +196,7 @@ def run(runner: Runner, seeds: list[int], out: Path) -> dict:
                     "is not there at this size may appear at a real one (and the other way round).",
                     "The target is the aware run's routing averaged over MoE layers after aligning expert labels: "
                     "one target for every layer, as the router config allows, not a per-layer match.",
-                    "Routing is measured on training batches (the last 20% of logged windows), not on a held-out set "
-                    "(E3 and `mmoe-ds analyze` measure on the test split).",
+                    TRAINING_ROUTING_CAVEAT,
                     "'emb off' removes only the explicit modality embedding: image tokens always sit at positions "
                     "1..P of the sequence, so the learned position embedding still tells the modality to every "
                     "router input (E3's probe reads it with accuracy 1.000 in every design). The factor separates "

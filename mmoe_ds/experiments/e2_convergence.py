@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import e1_matched
-from .runner import (ExperimentError, Run, RunSpec, Runner, contrast, experiment_command, mode_recipe, new_figure,
+from .runner import (TRAINING_ROUTING_CAVEAT, ExperimentError, Run, RunSpec, Runner, contrast, experiment_command, mode_recipe, new_figure,
                      routing_summary, run_metrics, save_figure, summarize, write_results)
 
 NAME = "e2_convergence"
@@ -133,7 +133,7 @@ def run(runner: Runner, seeds: list[int], out: Path) -> dict:
                     "Accuracy at 5× and 10× is compared with a 1× aware run: more steps help any router; the "
                     "routing measures (TV, NMI) are the question here.",
                     f"The aware run has {steps} steps only; whether it keeps changing with more steps is not measured.",
-                    "Routing is measured on training batches, not on a held-out probe set."],
+                    TRAINING_ROUTING_CAVEAT],
     }
     from .docs import render_experiment
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from . import e1_matched
-from .runner import (RunSpec, Runner, bar_panel, contrast, experiment_command, new_figure, run_metrics, save_figure,
+from .runner import (TRAINING_ROUTING_CAVEAT, RunSpec, Runner, bar_panel, contrast, experiment_command, new_figure, run_metrics, save_figure,
                      summarize, write_results)
 
 NAME = "e6_audit"
@@ -123,7 +123,8 @@ def run(runner: Runner, seeds: list[int], out: Path) -> dict:
                     "The mixes change what the model learns from as well as the capacity pressure: a quality change "
                     "is not a capacity effect alone.",
                     "Measured on training batches of a small model; capacity factor and top-k are the recipe's "
-                    "(image top-1, text top-2), which already give text twice the routes per token."],
+                    "(image top-1, text top-2), which already give text twice the routes per token.",
+                    TRAINING_ROUTING_CAVEAT],
     }
     from .docs import render_experiment
 

@@ -36,6 +36,10 @@ MODES_DIR = REPO / "recipes" / "modes"
 SCALES_DIR = REPO / "recipes" / "experiments"
 SCALES = ("tiny", "cpu", "gpu")
 MODALITIES = ("image", "text")
+# Said by every experiment that reads routing from metrics.jsonl (the trainer's per-window statistics).
+TRAINING_ROUTING_CAVEAT = ("Routing is measured on training batches (the trainer's logged statistics), not on a held-out "
+                           "probe set, and there padding positions are routed and counted as text tokens (E3, E5 and "
+                           "`mmoe-ds analyze` measure on the test split without padding).")
 
 
 class ExperimentError(RuntimeError):
