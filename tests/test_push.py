@@ -26,7 +26,7 @@ TESTS = Path(__file__).resolve().parent
 REPO = "someone/tiny-mmoe"
 EXPORT_FILES = {"README.md", "config.json", "generation_config.json", "model.safetensors", "configuration_mmoe.py",
                 "modeling_mmoe.py", "moe_config.py", "moe_losses.py", "moe_router.py", "moe_experts.py", "moe_layer.py",
-                "processing_mmoe.py", "data_schema.py", "processor_config.json", "tokenizer.json",
+                "vision.py", "processing_mmoe.py", "data_schema.py", "processor_config.json", "tokenizer.json",
                 "tokenizer_config.json", "routing_report.md"}
 
 
