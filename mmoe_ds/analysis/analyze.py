@@ -127,15 +127,20 @@ def probe_batches(processor, data_dir: str | os.PathLike, n_probe: int, seed: in
 
 # -- results ---------------------------------------------------------------------------------------
 @dataclass
-class LayerAnalysis:
-    """Everything measured on one MoE layer (see `Analysis.to_dict` for the JSON form)."""
-    layer: int
+class Dependence:
+    """How much the expert choice depends on the modality, for one layer (NaN without both modalities)."""
     tv: float
     mi_bits: float
     mi_bits_plugin: float
     mi_null_p: float
     nmi: float
     soft_mi_bits: float
+
+
+@dataclass
+class LayerAnalysis(Dependence):
+    """Everything measured on one MoE layer (see `Analysis.to_dict` for the JSON form)."""
+    layer: int
     probe_acc: float
     probe_balanced_acc: float
     probe_chance: float
@@ -144,7 +149,8 @@ class LayerAnalysis:
     cka: dict[str, list[list[float]]]
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        fields = dict(self.__dict__)
+        return {"layer": fields.pop("layer"), **fields}
 
 
 @dataclass
@@ -192,24 +198,13 @@ def _nan() -> float:
     return float("nan")
 
 
-@dataclass
-class _Dependence:
-    """How much the expert choice depends on the modality, for one layer."""
-    tv: float
-    mi_bits: float
-    mi_bits_plugin: float
-    mi_null_p: float
-    nmi: float
-    soft_mi_bits: float
-
-
 def _dependence(cap: ProbeCapture, lc: LayerCapture, per: list, routed: np.ndarray, n_perm: int,
-                seed: int) -> _Dependence:
+                seed: int) -> Dependence:
     """TV, I(M;E) (Miller-Madow and plug-in), its permutation p, NMI, soft MI (NaN without both modalities)."""
     if any(p is None for p in per):
-        return _Dependence(_nan(), _nan(), _nan(), _nan(), _nan(), _nan())
+        return Dependence(*[_nan()] * 6)
     route_m, route_e = route_arrays(cap.modality_ids, lc.chosen, lc.valid)
-    return _Dependence(
+    return Dependence(
         tv=total_variation(per[0].utilization, per[1].utilization) if len(per) == 2 else _nan(),
         mi_bits=mutual_information_bits(routed, miller_madow=True), mi_bits_plugin=mutual_information_bits(routed),
         mi_null_p=permutation_null_mi(route_m, route_e, n_perm=n_perm, seed=seed).p_value,
@@ -267,9 +262,10 @@ def _layer_analysis(cap: ProbeCapture, lc: LayerCapture, modalities: tuple[str, 
         enumerate(zip(modalities, per))}
     counts = {name: {"tokens": tokens[i], "routed_per_expert": [int(v) for v in routed[i]],
                      "kept_per_expert": [int(v) for v in kept[i]]} for i, name in enumerate(modalities)}
-    return LayerAnalysis(lc.layer, dep.tv, dep.mi_bits, dep.mi_bits_plugin, dep.mi_null_p, dep.nmi, dep.soft_mi_bits,
-                         probe_acc, probe_bal, probe_chance, None if split is None else split.modality_share,
-                         per_modality, _expert_cka(cap, lc, modalities)), counts
+    return LayerAnalysis(**asdict(dep), layer=lc.layer, probe_acc=probe_acc, probe_balanced_acc=probe_bal,
+                         probe_chance=probe_chance,
+                         logit_var_share_modality=None if split is None else split.modality_share,
+                         per_modality=per_modality, cka=_expert_cka(cap, lc, modalities)), counts
 
 
 def _compare(cap_a: ProbeCapture, cap_b: ProbeCapture, other: str) -> dict:
