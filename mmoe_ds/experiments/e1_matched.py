@@ -14,13 +14,12 @@ the two matched runs train with that target.
 from __future__ import annotations
 
 import json
-import time
 from itertools import permutations
 from pathlib import Path
 
 import numpy as np
 
-from .runner import (TRAINING_ROUTING_CAVEAT, Run, RunSpec, Runner, bar_panel, contrast, experiment_command, mode_recipe, new_figure,
+from .runner import (TRAINING_ROUTING_CAVEAT, Run, RunSpec, Runner, bar_panel, contrast, mode_recipe, new_figure,
                      routing_counts, run_metrics, save_figure, summarize, write_results)
 
 NAME = "e1_matched"
@@ -111,7 +110,7 @@ def spec(router: str, embedding: bool, seed: int, target: dict | None = None, co
 
 def run(runner: Runner, seeds: list[int], out: Path) -> dict:
     """Train every cell over `seeds` and write results.json / results.md / e1_matched.png to `out`."""
-    tic, launched0, reused0 = time.perf_counter(), runner.launched, runner.reused
+    since = runner.tally()
     coef = matched_coef()
     plain = {(r, emb, s): spec(r, emb, s) for emb in EMBEDDINGS for s in seeds for r in ("aware", "agnostic")}
     done = dict(zip(plain, runner.run_all(list(plain.values()))))
@@ -179,10 +178,8 @@ def run(runner: Runner, seeds: list[int], out: Path) -> dict:
     plot = save_figure(fig, out / "e1_matched.png")
 
     results = {
-        "experiment": "e1", "name": NAME, "title": "the matched 2×2 (regularization in disguise?)",
-        "command": experiment_command("e1", seeds, runner.scale), "scale": runner.scale.summary(), "seeds": seeds,
-        "seconds": time.perf_counter() - tic, "runs_launched": runner.launched - launched0,
-        "runs_reused": runner.reused - reused0, "run_minutes": runner.run_minutes(), "matched_utilization_coef": coef,
+        **runner.header(since, "e1", NAME, "the matched 2×2 (regularization in disguise?)", seeds),
+        "matched_utilization_coef": coef,
         "targets": {f"emb {'on' if emb else 'off'}/seed {s}": targets[(emb, s)] for emb in EMBEDDINGS for s in seeds},
         "tables": [{"title": "Final evaluation and routing per cell (mean ± 95% CI over seeds)", "row_header": "cell",
                     "columns": [list(m) for m in METRICS], "rows": rows,

@@ -8,13 +8,12 @@ multiple at which the agnostic router's mean reaches the aware run's mean, or "n
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 
 from . import e1_matched
-from .runner import (TRAINING_ROUTING_CAVEAT, ExperimentError, Run, RunSpec, Runner, contrast, experiment_command, mode_recipe, new_figure,
+from .runner import (TRAINING_ROUTING_CAVEAT, ExperimentError, Run, RunSpec, Runner, contrast, mode_recipe, new_figure,
                      routing_summary, run_metrics, save_figure, summarize, write_results)
 
 NAME = "e2_convergence"
@@ -65,7 +64,7 @@ def match_sentence(label: str, curve: dict[int, float], target: float, steps: in
 
 def run(runner: Runner, seeds: list[int], out: Path) -> dict:
     """Train (or reuse) the aware runs and the long agnostic runs; write results and e2_convergence.png."""
-    tic, launched0, reused0 = time.perf_counter(), runner.launched, runner.reused
+    since = runner.tally()
     steps = runner.scale.steps
     window = max(1, int(round(0.2 * steps)))
     aware_specs = [e1_matched.spec("aware", True, s) for s in seeds]
@@ -118,10 +117,7 @@ def run(runner: Runner, seeds: list[int], out: Path) -> dict:
     plot = save_figure(fig, out / "e2_convergence.png")
 
     results = {
-        "experiment": "e2", "name": NAME, "title": "convergence — does the agnostic router catch up with more steps?",
-        "command": experiment_command("e2", seeds, runner.scale), "scale": runner.scale.summary(), "seeds": seeds,
-        "seconds": time.perf_counter() - tic, "runs_launched": runner.launched - launched0,
-        "runs_reused": runner.reused - reused0, "run_minutes": runner.run_minutes(),
+        **runner.header(since, "e2", NAME, "convergence — does the agnostic router catch up with more steps?", seeds),
         "tables": [{"title": "Aware run vs the agnostic router at 1×, 5×, 10× its steps (mean ± 95% CI)",
                     "row_header": "run", "columns": [list(m) for m in METRICS], "rows": rows,
                     "note": f"Routing measured over the training windows of the last {window} steps before each point."}],

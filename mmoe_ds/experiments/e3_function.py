@@ -10,14 +10,13 @@ different functions. The plain agnostic and modality-bias runs are E1's (reused)
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
 
 from mmoe_ds.atomic import atomic_write_text
 
-from .runner import (MODES_DIR, Run, RunSpec, Runner, contrast, experiment_command, mode_recipe, new_figure,
+from .runner import (MODES_DIR, Run, RunSpec, Runner, contrast, mode_recipe, new_figure,
                      run_metrics, save_figure, summarize, write_results)
 
 NAME = "e3_function"
@@ -97,7 +96,7 @@ def analysis_metrics(a: dict) -> dict[str, float]:
 
 def run(runner: Runner, seeds: list[int], out: Path) -> dict:
     """Train (or reuse) every design × seed, analyze each run, write results, e3_cka.png and e3_probe.png."""
-    tic, launched0, reused0 = time.perf_counter(), runner.launched, runner.reused
+    since = runner.tally()
     names = designs()
     keys = [(d, s) for d in names for s in seeds]
     runs = runner.run_all([design_spec(runner, d, s) for d, s in keys])
@@ -163,10 +162,8 @@ def run(runner: Runner, seeds: list[int], out: Path) -> dict:
 
     n_probe, n_perm = PROBE[runner.scale.name]
     results = {
-        "experiment": "e3", "name": NAME, "title": "expert function — CKA and modality probes for every router design",
-        "command": experiment_command("e3", seeds, runner.scale), "scale": runner.scale.summary(), "seeds": seeds,
-        "seconds": time.perf_counter() - tic, "runs_launched": runner.launched - launched0,
-        "runs_reused": runner.reused - reused0, "run_minutes": runner.run_minutes(), "designs": names, "probe": {"n_probe": n_probe, "n_perm": n_perm},
+        **runner.header(since, "e3", NAME, "expert function — CKA and modality probes for every router design", seeds),
+        "designs": names, "probe": {"n_probe": n_probe, "n_perm": n_perm},
         "tables": [
             {"title": "Per design: quality, routing on the probe set, probe accuracy and expert similarity (layer "
                       "means; mean ± 95% CI over seeds)", "row_header": "design", "columns": [list(m) for m in METRICS],

@@ -13,7 +13,6 @@ quality, and how far its routing moved from the zero-shot routing on B.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +20,7 @@ import numpy as np
 from mmoe_ds.atomic import atomic_write_text
 
 from . import e1_matched
-from .runner import (MODALITIES, RunSpec, Runner, contrast, experiment_command, mode_recipe, new_figure, save_figure,
+from .runner import (MODALITIES, RunSpec, Runner, contrast, mode_recipe, new_figure, save_figure,
                      summarize, write_results)
 
 NAME = "e5_transfer"
@@ -110,7 +109,7 @@ def finetune_spec(runner: Runner, export: Path, seed: int, variant: str) -> RunS
 
 def run(runner: Runner, seeds: list[int], out: Path) -> dict:
     """A runs (reused), exports, zero-shot analyses, fine-tunes; write results and e5_transfer.png."""
-    tic, launched0, reused0 = time.perf_counter(), runner.launched, runner.reused
+    since = runner.tally()
     data_a, data_b = runner.dataset("embedded").resolve(), runner.dataset("emoji").resolve()
     a_runs = runner.run_all([e1_matched.spec("aware", True, s) for s in seeds])
     exports = {s: runner.export(r) for s, r in zip(seeds, a_runs)}
@@ -188,10 +187,8 @@ def run(runner: Runner, seeds: list[int], out: Path) -> dict:
 
     steps = max(1, int(round(runner.scale.steps * runner.scale.finetune_fraction)))
     results = {
-        "experiment": "e5", "name": NAME, "title": "cross-dataset transfer of routing (embedded → emoji)",
-        "command": experiment_command("e5", seeds, runner.scale), "scale": runner.scale.summary(), "seeds": seeds,
-        "seconds": time.perf_counter() - tic, "runs_launched": runner.launched - launched0,
-        "runs_reused": runner.reused - reused0, "run_minutes": runner.run_minutes(), "finetune_steps": steps, "router_pattern": ROUTER_PATTERN,
+        **runner.header(since, "e5", NAME, "cross-dataset transfer of routing (embedded → emoji)", seeds),
+        "finetune_steps": steps, "router_pattern": ROUTER_PATTERN,
         "tables": [
             {"title": "Zero shot: the A model's routing on A's and on B's test split (mean ± 95% CI over seeds)",
              "row_header": "", "columns": zero_cols, "rows": zero_rows},

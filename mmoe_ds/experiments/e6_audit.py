@@ -9,13 +9,12 @@ confident); and the evaluation (caption ranking accuracy, caption loss, text per
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 
 from . import e1_matched
-from .runner import (TRAINING_ROUTING_CAVEAT, RunSpec, Runner, bar_panel, contrast, experiment_command, new_figure, run_metrics, save_figure,
+from .runner import (TRAINING_ROUTING_CAVEAT, RunSpec, Runner, bar_panel, contrast, new_figure, run_metrics, save_figure,
                      summarize, write_results)
 
 NAME = "e6_audit"
@@ -45,7 +44,7 @@ def spec(router: str, mix: str, seed: int, composition: dict | None) -> RunSpec:
 
 def run(runner: Runner, seeds: list[int], out: Path) -> dict:
     """Train (or reuse) router × mix × seed; write results and e6_audit.png."""
-    tic, launched0, reused0 = time.perf_counter(), runner.launched, runner.reused
+    since = runner.tally()
     default = runner.recipe(e1_matched.spec("agnostic", True, seeds[0]))["data"]["composition"]
     compositions = mixes(sum(default.values()))
     keys = [(r, m, s) for r in ROUTERS for m in MIXES for s in seeds]
@@ -103,10 +102,8 @@ def run(runner: Runner, seeds: list[int], out: Path) -> dict:
     plot = save_figure(fig, out / "e6_audit.png")
 
     results = {
-        "experiment": "e6", "name": NAME, "title": "capacity and bias audit under flipped batch mixes",
-        "command": experiment_command("e6", seeds, runner.scale), "scale": runner.scale.summary(), "seeds": seeds,
-        "seconds": time.perf_counter() - tic, "runs_launched": runner.launched - launched0,
-        "runs_reused": runner.reused - reused0, "run_minutes": runner.run_minutes(), "compositions": {m: c or default for m, c in compositions.items()},
+        **runner.header(since, "e6", NAME, "capacity and bias audit under flipped batch mixes", seeds),
+        "compositions": {m: c or default for m, c in compositions.items()},
         "tables": [
             {"title": "Per-modality capacity audit (last 20% of training; mean ± 95% CI)", "row_header": "router, mix",
              "columns": [list(m) for m in AUDIT], "rows": rows(AUDIT),

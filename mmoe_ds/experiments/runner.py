@@ -158,6 +158,14 @@ class Run:
         return self.evals[-1]
 
 
+@dataclass(frozen=True)
+class Tally:
+    """Where an experiment started (`Runner.tally`): perf_counter seconds and the runner's counters."""
+    seconds: float
+    launched: int
+    reused: int
+
+
 class Runner:
     """Launches RunSpecs at a Scale under `out`, reusing finished runs.
 
@@ -174,6 +182,18 @@ class Runner:
         self._lock = threading.Lock()
         self.seen: dict[str, float] = {}  # run folder -> its training wall time (done.json), for every run used
 
+
+    def tally(self) -> "Tally":
+        """Mark the start of an experiment: its wall clock and this runner's launch / reuse counters."""
+        return Tally(time.perf_counter(), self.launched, self.reused)
+
+    def header(self, since: "Tally", exp_id: str, name: str, title: str, seeds: Sequence[int]) -> dict:
+        """The fields every results.json starts with: what ran, how to rerun it, and what it cost since `since`."""
+        return {"experiment": exp_id, "name": name, "title": title,
+                "command": experiment_command(exp_id, seeds, self.scale), "scale": self.scale.summary(),
+                "seeds": list(seeds), "seconds": time.perf_counter() - since.seconds,
+                "runs_launched": self.launched - since.launched, "runs_reused": self.reused - since.reused,
+                "run_minutes": self.run_minutes()}
     def log(self, message: str) -> None:
         if self.verbose:
             print(f"[experiments] {message}", file=sys.stderr, flush=True)
