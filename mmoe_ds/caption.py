@@ -18,7 +18,7 @@ from .data.processor import MmoeProcessor
 
 def caption_images(model, processor, images, max_new_tokens: int = 12) -> list[str]:
     prompt = processor(images=images, texts=None, add_eos=False)
-    image_key = "pixel_values" if "pixel_values" in prompt else "pixel_patches"  # HF vision tower / patch model
+    image_key = model.config.image_input_name  # pixel_values (HF vision tower) or pixel_patches
     out = model.generate(input_ids=prompt["input_ids"], attention_mask=prompt["attention_mask"],
                          **{image_key: prompt[image_key]}, max_new_tokens=max_new_tokens, do_sample=False)
     new_tokens = out[:, prompt["input_ids"].shape[1]:]

@@ -134,7 +134,7 @@ def check_processor_fits(processor, config, source) -> None:
     if processor.image_token_id != config.image_token_id:
         problems.append(f"<image> is token {processor.image_token_id} but the model's image_token_id is "
                         f"{config.image_token_id}")
-    if getattr(config, "vision_encoder", "patch") == "patch":
+    if config.vision_encoder == "patch":
         for name in ("image_size", "patch_size", "num_channels"):
             if getattr(processor, name, None) != getattr(config, name):
                 problems.append(f"{name}={getattr(processor, name, None)} but the model's is {getattr(config, name)}")

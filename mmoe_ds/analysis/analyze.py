@@ -359,7 +359,7 @@ def analyze(source, data_dir=None, n_probe: int = 512, seed: int = 0, batch_size
                     compare=compared, seconds=time.perf_counter() - tic,
                     settings={"n_probe": n_probe, "seed": seed, "batch_size": batch_size, "n_perm": n_perm,
                               "max_feature_tokens": max_feature_tokens,
-                              "modality_embedding": bool(getattr(config, "modality_embedding", True))})
+                              "modality_embedding": config.modality_embedding})
 
 
 def write_report(a: Analysis, out_dir) -> list:

@@ -112,7 +112,7 @@ def _routing_design(config: MmoeConfig) -> list[str]:
     rc = config.router_config()
     lines = ["## Routing design", "",
              f"Mode `{rc.mode}`, {rc.num_experts} experts per MoE layer ("
-             + (f"MoE blocks in layers {config.moe_layers}" if getattr(config, "moe_layers", None) is not None
+             + (f"MoE blocks in layers {config.moe_layers}" if config.moe_layers is not None
                 else f"an MoE block every {config.moe_layer_frequency} layers")
              + f"), drop tokens: {rc.drop_tokens} (policy `{rc.drop_policy}`, "
              f"min capacity {rc.min_capacity}).", "",
@@ -147,13 +147,8 @@ def _audit_section(audit: RoutingAudit | None) -> list[str]:
     return lines + [""]
 
 
-def _image_key(config: MmoeConfig) -> str:
-    """The model's image input: `pixel_values` for an HF vision tower, `pixel_patches` for raw patches."""
-    return "pixel_values" if getattr(config, "vision_encoder", "patch") == "hf" else "pixel_patches"
-
-
 def _image_input(config: MmoeConfig) -> str:
-    if getattr(config, "vision_encoder", "patch") == "hf":
+    if config.vision_encoder == "hf":
         vc = config.vision_config
         return (f"images through the pretrained `{vc.get('model_type')}` vision tower ({vc.get('image_size')} px, "
                 f"{config.vision_projector} projector"
@@ -214,7 +209,7 @@ def model_card(meta: dict, config: MmoeConfig, report_md: Path | None, routing_r
              f"mmoe-ds. {origin}", "",
              f"{config.num_hidden_layers} layers, hidden size {config.hidden_size}, {config.num_local_experts} experts "
              f"per MoE layer, routing mode `{rc.mode}`; " + _image_input(config), ""]
-    lines += _usage(model_id, _image_key(config)) + _routing_design(config)
+    lines += _usage(model_id, config.image_input_name) + _routing_design(config)
     lines += _audit_section(routing_audit(routing_record) if routing_record else None)
     if metrics:
         lines += ["## Evaluation", "", "The checkpoint's own evaluation (also in the metadata as `model-index`):", "",

@@ -189,6 +189,11 @@ class MmoeConfig(PretrainedConfig):
         return self.head_dim if self.head_dim is not None else self.hidden_size // self.num_attention_heads
 
     @property
+    def image_input_name(self) -> str:
+        """The forward argument images arrive in: `pixel_values` (HF vision tower) or `pixel_patches`."""
+        return "pixel_values" if self.vision_encoder == "hf" else "pixel_patches"
+
+    @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
