@@ -275,6 +275,27 @@ def test_top1_is_not_function_preserving_and_noise_makes_experts_differ(tmp_path
     assert not torch.equal(experts[0].w1.weight, experts[1].w1.weight)
 
 
+def test_a_sharded_bf16_checkpoint_as_hub_lms_ship(tmp_path):
+    """Hub LMs come in bf16 and in several safetensors shards with an index; upcycling reads them like
+    transformers does: the upcycled fp32 model equals the dense one loaded from the same files."""
+    dense_llama(tmp_path / "fp32")
+    shipped = LlamaForCausalLM.from_pretrained(tmp_path / "fp32", dtype=torch.bfloat16)
+    shipped.save_pretrained(tmp_path / "dense", max_shard_size="20KB")
+    save_tokenizer(tmp_path / "dense", LLAMA_SPECIALS)
+    shards = sorted(p.name for p in (tmp_path / "dense").glob("model-*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "dense" / "model.safetensors.index.json").is_file()
+    upcycle(tmp_path / "dense", tmp_path / "moe", UpcycleOptions(experts=4, top_k=2, moe_layers=[0, 2]))
+    dense = LlamaForCausalLM.from_pretrained(tmp_path / "dense", dtype=torch.float32).eval()
+    moe = MmoeForCausalLM.from_pretrained(tmp_path / "moe").eval()
+    ids = token_ids(40, seed=9)
+    with torch.no_grad():
+        expected = dense(input_ids=ids).logits
+        got = moe(input_ids=ids, use_cache=False).logits[..., :expected.shape[-1]]
+    image_id = moe.config.image_token_id
+    others = [i for i in range(expected.shape[-1]) if i != image_id]
+    assert (got[..., others] - expected[..., others]).abs().max() < TOL
+
+
 def test_cli_writes_the_folder_and_prints_a_summary(tmp_path, capsys):
     dense_llama(tmp_path / "dense")
     rc = main(["--lm", str(tmp_path / "dense"), "--experts", "2", "--top-k", "2", "--moe-layers", "1",
