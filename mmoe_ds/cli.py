@@ -15,6 +15,8 @@ SUBCOMMANDS = {
     "index": ("mmoe_ds.data.index", "build a manifest for existing WebDataset shards (local, brace patterns, pipe:, "
                                     "URLs) without rewriting them"),
     "train": ("mmoe_ds.train", "train from a recipe and a DeepSpeed config (use the deepspeed launcher)"),
+    "plan": ("mmoe_ds.plan", "per-GPU memory (weights, gradients, optimizer, activations) and FLOPs of a recipe "
+                             "at a world size; refuses what cannot fit --gpu-memory"),
     "push": ("mmoe_ds.push", "upload an export to the Hugging Face Hub (token from HF_TOKEN or `hf auth login`; "
                              "--dry-run lists the files and the card)"),
     "export": ("mmoe_ds.export", "gather a DeepSpeed checkpoint (any ep_size) into one HF folder"),

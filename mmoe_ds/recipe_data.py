@@ -212,6 +212,16 @@ def load_processor(data: DataSection, directory: str | Path | None = None) -> Mm
     return processor
 
 
+def processor_model_kwargs(model_section: dict, processor) -> dict:
+    """MmoeConfig arguments of a from-scratch run: the recipe's model section with the processor's
+    vocabulary, special tokens and image geometry."""
+    tok = processor.tokenizer
+    return dict(model_section, vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                image_size=processor.image_size, patch_size=processor.patch_size,
+                num_channels=processor.num_channels)
+
+
 def loader_caps(data: DataSection) -> dict:
     """The recipe's loader caps, as LoaderConfig fields."""
     return {"max_caption_bytes": data.max_caption_bytes, "max_image_pixels": data.max_image_pixels,

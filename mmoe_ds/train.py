@@ -47,6 +47,8 @@ def parse_args(argv):
     parser.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
     parser.add_argument("--check", action="store_true", help="validate the configuration and exit")
     parser.add_argument("--world_size", type=int, default=None, help="with --check: the number of processes")
+    parser.add_argument("--gpu-memory", default=None,
+                        help="with --check: a GPU's memory (e.g. 80GB); refuse a plan that does not fit")
     return parser.parse_args(argv)
 
 
@@ -226,11 +228,9 @@ class Trainer:
         model section with the processor's vocabulary, special tokens and image geometry."""
         if source is not None:
             return init_model_kwargs(self.recipe, source)
-        tok, proc = self.processor.tokenizer, self.processor
-        return dict(self.recipe.model, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
-                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                    image_token_id=tok.convert_tokens_to_ids("<image>"), image_size=proc.image_size,
-                    patch_size=proc.patch_size, num_channels=proc.num_channels)
+        from .recipe_data import processor_model_kwargs
+
+        return processor_model_kwargs(self.recipe.model, self.processor)
 
     def save_run_processor(self) -> Path:
         """Save the processor this run encodes with to OUT/processor (rank 0, whole or not at all), so
@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         ds_path = deepspeed_config_path(args.deepspeed_config)
         print(f"configuration OK: {args.recipe} + {ds_path} on {world_size} processes; {data_check.summary}")
-        return 0
+        return print_plan(recipe, ds_config, world_size, args.gpu_memory)
     trainer = Trainer(recipe, ds_config, world_size)
     try:
         trainer.setup()
@@ -432,3 +432,22 @@ if __name__ == "__main__":
     # Tear gloo down before the interpreter does (mmoe_ds/teardown.py; issue 11 item 8): the
     # engine's process groups outlive main() through hooks held in C++.
     exit_process(main())
+def print_plan(recipe: Recipe, ds_config: dict, world_size: int, gpu_memory: str | None) -> int:
+    """`--check`'s memory and FLOPs plan (mmoe_ds/plan.py): 0, or 2 when it cannot fit `gpu_memory`."""
+    from .plan import parse_bytes, plan_recipe
+
+    try:
+        plan, why = plan_recipe(recipe, ds_config, world_size, parse_bytes(gpu_memory) if gpu_memory else None)
+    except ConfigError as e:
+        print(f"mmoe-ds train: configuration error: {e}", file=sys.stderr)
+        return 2
+    if plan is None:
+        print(why)
+        return 0
+    print(plan.table())
+    if not plan.fits():
+        print(f"mmoe-ds train: configuration error: does not fit: {plan.refusal()}", file=sys.stderr)
+        return 2
+    return 0
+
+

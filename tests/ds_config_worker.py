@@ -1,5 +1,6 @@
 """One process, no launcher: every shipped DeepSpeed config builds an engine around the model
-(DeepSpeed MoE layers) and takes an optimizer step. Prints {config: "ok <dtype>" | error}."""
+(DeepSpeed MoE layers) and takes an optimizer step. Prints RESULTS {config: "ok <dtype>" | error}
+and OPTIMIZER {config: {"measured": bytes the optimizer holds, "planned": mmoe_ds.plan's figure}}."""
 from __future__ import annotations
 
 import json
@@ -9,8 +10,20 @@ import deepspeed
 import torch
 
 from mmoe_ds.model import MmoeConfig, MmoeForCausalLM
+from mmoe_ds.plan import plan_run
 from mmoe_ds.recipe import Recipe, load_ds_config, validate_launch
 from mmoe_ds.teardown import exit_process
+
+
+def optimizer_bytes(engine) -> int:
+    """What the optimizer holds: the inner torch optimizer's state tensors (Adam's moments) + the
+    parameters it updates that are not the model's own (DeepSpeed's fp32 master copies)."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    model_ids = {id(p) for p in engine.module.parameters()}
+    state = sum(t.numel() * t.element_size() for s in inner.state.values() for t in s.values()
+                if torch.is_tensor(t) and t.dim() > 0)
+    masters = sum(p.numel() * p.element_size() for g in inner.param_groups for p in g["params"] if id(p) not in model_ids)
+    return state + masters
 
 
 def main(names: list[str]) -> None:
@@ -18,7 +31,7 @@ def main(names: list[str]) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     recipe = Recipe.load("recipes/demo_cpu.json")
     recipe.train.expert_parallel_size = 1
-    results = {}
+    results, optimizer = {}, {}
     for name in names:
         config = validate_launch(recipe, load_ds_config(f"ds_configs/{name}.json"), name, 1)
         config["optimizer"]["params"]["torch_adam"] = True  # no fused CPU Adam build in tests
@@ -34,9 +47,12 @@ def main(names: list[str]) -> None:
             engine.step()
             ok = torch.isfinite(out.loss).item()
             results[name] = f"ok {next(engine.module.parameters()).dtype}" if ok else "non-finite loss"
+            planned = plan_run(dict(recipe.model, vocab_size=64), config, 1, 1, len(ids), ids.shape[1])
+            optimizer[name] = {"measured": optimizer_bytes(engine), "planned": planned.optimizer_bytes}
         except Exception as e:  # reported per config, so one failure does not hide the others
             results[name] = f"{type(e).__name__}: {e}"
     print("RESULTS " + json.dumps(results), flush=True)
+    print("OPTIMIZER " + json.dumps(optimizer), flush=True)
     exit_process(0)  # tear gloo down before the interpreter does (see mmoe_ds/teardown.py)
 
 

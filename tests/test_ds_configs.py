@@ -51,19 +51,38 @@ def support() -> DtypeSupport:
 
 
 @pytest.fixture(scope="module")
-def worker_results(support) -> dict[str, str]:
-    """One process (no launcher) builds an engine per supported config: {config: "ok <dtype>" | error}."""
+def worker_output(support) -> dict[str, dict]:
+    """One process (no launcher) builds an engine per supported config. Returns {"RESULTS": {config:
+    "ok <dtype>" | error}, "OPTIMIZER": {config: {"measured", "planned"}}} (tests/ds_config_worker.py)."""
     plan = plan_configs(CONFIGS, support)
     if not plan.run:
-        return {}
+        return {"RESULTS": {}, "OPTIMIZER": {}}
     env = dict(os.environ, RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "tests/ds_config_worker.py", *plan.run], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULTS ")]
-    if proc.returncode != 0 or not lines:
-        return {name: f"worker exited with status {proc.returncode}:\n{proc.stdout[-4000:]}" for name in plan.run}
-    return json.loads(lines[0][len("RESULTS "):])
+    out = {key: [json.loads(line[len(key) + 1:]) for line in proc.stdout.splitlines() if line.startswith(key + " ")]
+           for key in ("RESULTS", "OPTIMIZER")}
+    if proc.returncode != 0 or not out["RESULTS"] or not out["OPTIMIZER"]:
+        failure = f"worker exited with status {proc.returncode}:\n{proc.stdout[-4000:]}"
+        return {"RESULTS": {name: failure for name in plan.run}, "OPTIMIZER": {"failure": failure}}
+    return {key: values[0] for key, values in out.items()}
+
+
+@pytest.fixture(scope="module")
+def worker_results(worker_output) -> dict[str, str]:
+    """{config: "ok <dtype>" | error}."""
+    return worker_output["RESULTS"]
+
+
+def test_the_memory_plan_counts_the_optimizer_bytes_a_real_engine_holds(worker_output):
+    """mmoe_ds/plan.py's optimizer term (Adam's moments + fp32 masters, as DeepSpeed holds them at
+    ZeRO 0/1/2 in fp32/bf16/fp16) equals what the engine's optimizer holds after a step, within 1%."""
+    optimizer = worker_output["OPTIMIZER"]
+    assert "failure" not in optimizer, optimizer.get("failure")
+    assert len(optimizer) >= 6, optimizer  # fp32 and bf16 at ZeRO 0/1/2 at least
+    for name, v in optimizer.items():
+        assert abs(v["planned"] - v["measured"]) <= 0.01 * v["measured"], (name, v)
 
 
 def test_config_files_declare_and_enable_one_precision():
