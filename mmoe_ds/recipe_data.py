@@ -20,7 +20,7 @@ from .data.loader import BalancedLoader, LoaderConfig, shard_kinds, shard_locati
 from .data.processor import MmoeProcessor
 from .data.shards import decode, iter_raw
 from .recipe import EVAL_METRICS, SAMPLE_KINDS, ConfigError, DataSection
-CLASS_RANK_SOURCES = ("fashion_mnist", "digits")  # labelled embedded sources, in order of preference
+CLASS_RANK_SOURCES = ("fashion_mnist", "digits", "covariance")  # labelled sources, in order of preference
 
 
 # -- the prepared dataset -------------------------------------------------------------------------

@@ -358,7 +358,7 @@ def test_text_files_txt_and_jsonl(tmp_path):
 
 # -- one interface, one-line errors ----------------------------------------------------------------
 def test_every_source_implements_the_interface_and_is_in_the_help(capsys):
-    assert set(SOURCES) == {"embedded", "folder", "hf", "text", "emoji"}
+    assert set(SOURCES) == {"embedded", "folder", "hf", "text", "emoji", "covariance"}
     assert all(issubclass(cls, Source) and cls.help for cls in SOURCES.values())
     with pytest.raises(SystemExit) as exit_:
         prepare_mod.parse_args(["--help"])

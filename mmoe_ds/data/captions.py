@@ -11,6 +11,9 @@ CLASS_NAMES = {
                       "bag", "ankle boot"],
     "digits": [f"handwritten {w}" for w in
                ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]],
+    # the generated textures of sources/covariance.py: scale x stripe orientation
+    "covariance": [f"{s} {o}" for s in ("coarse", "fine")
+                   for o in ("horizontal", "vertical", "diagonal", "antidiagonal")],
 }
 TEMPLATES = ("{a} {name}", "a picture of {a} {name}", "this is {a} {name}", "{a} {name}, in grayscale",
              "a photo showing {a} {name}")

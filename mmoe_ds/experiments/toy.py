@@ -9,13 +9,21 @@ Tokens of two "modalities" are drawn from Gaussians in three regimes:
   overlap     means 0.5σ apart: most of the modality information is not in x at all.
 The task: each modality has its own target function, a random SwiGLU "teacher" of exactly an
 expert's shape (y = T_m(x), scaled to unit variance). One `TorchMoE` layer (top-2, dropless)
-learns it with MSE + the router's aux loss and Adam. Routers: agnostic (W·x), agnostic + the
+learns it with MSE + the router's aux loss and Adam. Routers: agnostic (W·x + b), agnostic + the
 matched-utilization loss (asks for modality 0 on the first half of the experts, modality 1 on
 the rest; only the loss sees the modality), aware (W·x + E[m]), agnostic quadratic (W·φ(x) with
-φ(x) = [x, x_i·x_j for i <= j]: a quadratic function of x, so it can see the covariance shape)
-and, on request, aware + the matched loss. Every router gets the same layer, data, loss,
-optimiser and steps; only the router differs. We report the routing total variation
-TV(p(e|m=0), p(e|m=1)) of each token's first-choice expert on held-out tokens, and the MSE.
+φ(x) = [x, 1, x_i·x_j for i <= j]: a quadratic function of x, so it can see the covariance shape)
+and, on request, aware + the matched loss. Every blind router has a bias (its features start with
+[x, 1]); E[m] is the aware router's. Every router gets the same layer, bit-identical initial
+experts, data, loss, optimiser and steps; only the router differs. We report the routing total
+variation TV(p(e|m=0), p(e|m=1)) of each token's first-choice expert on held-out tokens, and the MSE.
+
+The separation sweep (`run_separation`; covariance regime, E = 2, d in `separation_dims`): the
+aware router against blind families of growing size — affine, rank-r quadratic (w·x + b +
+Σ_k a_k (u_k·x)²), MLP of width h, full quadratic — each trained on the task (as above) and, to
+tell capacity from optimisation, trained as a modality classifier told the modality
+(`capacity_tv`). The table gives, per d and family, the smallest router (by parameter count) that
+reaches the aware router's TV and MSE, beside the two proven bounds of docs/theory.md.
 
 Why the task is a per-modality teacher and routing is top-2 (changed after the first version):
 the first version learnt a per-modality *linear* map y = A_m x with top-1 routing (lr 1e-2), and
@@ -46,19 +54,21 @@ every seed we ran). With E = 2, top-2 means both experts compute every token and
 which one carries the larger gate; with E = 4 it is sparse. The ceilings below are about that
 first choice (the argmax of the logits), so they hold whatever the training.
 
-Linear ceiling (E = 2, covariance regime): a 2-expert linear router picks expert 1 iff
-w·x > b. The codebase's router has no bias (b = 0), and each modality is centrally symmetric, so
-such a router splits each modality exactly in half: its expected TV is 0. With a bias, w·x is
-N(0, wᵀΣ_m w) for each modality, so TV = max_b |Φ(b/σ_0) − Φ(b/σ_1)| ≤ 1/2, largest for w on the
-axis with the largest variance ratio; `linear_ceiling_e2` computes it exactly for our shapes, and
-`fitted_halfspace_tv` estimates it from samples with the best axis-aligned half-space (a check
-that the analytic number is right). For E = 4 no ceiling <= 1/2 exists: the argmax of four
+Linear ceiling (E = 2, covariance regime; docs/theory.md, Corollary 2): a 2-expert affine router
+picks expert 1 iff w·x > b, and w·x is N(0, wᵀΣ_m w) for each modality, so TV <= max_b
+|Φ(b/σ_0) − Φ(b/σ_1)| = `halfspace_tv(3)` = 0.242 < 1/2 (largest projected standard-deviation ratio 3,
+on any axis). A router without a bias (b = 0) splits each centrally symmetric modality exactly in
+half: TV 0 — the first version of this toy had no bias, so its agnostic arms were pinned at 0 by
+symmetry and the 0.242 did not apply to them. `fitted_halfspace_tv` estimates the ceiling from
+samples with the best axis-aligned half-space. No blind router of any size exceeds TV(P0, P1)
+(`modality_tv`; 0.944 at d = 8). For E = 4 no ceiling <= 1/2 exists: the argmax of four
 bias-free linear logits ±x_1, ±x_{d/2+1} picks by max(|x_1|, |x_{d/2+1}|), which already reaches
 TV = (4/π)·atan(3) − 1 ≈ 0.59 (`linear_example_e4`); we report that lower bound, not a ceiling.
 
 Run: python -m mmoe_ds.experiments.toy [--seeds 0,1,2] [--steps 300] [--dims 16,32] [--experts 2,4]
-     [--routers agnostic,aware,...] [--out runs/experiments/e4_toy]
-Writes results.json, results.md and tv_vs_ceiling.png in --out.
+     [--routers agnostic,aware,...] [--separation-dims 8,16,32] [--ranks 1,2,4,8,16] [--widths 2,4,8,16,32]
+     [--out runs/experiments/e4_toy]
+Writes results.json, results.md, tv_vs_ceiling.png and params_vs_d.png in --out.
 """
 from __future__ import annotations
 
@@ -66,6 +76,7 @@ import argparse
 import io
 import json
 import math
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -83,16 +94,21 @@ from mmoe_ds.moe.router import ModalityRouter
 
 REGIMES = ("separable", "covariance", "overlap")
 ROUTERS = ("agnostic", "agnostic_matched", "aware", "agnostic_quadratic", "aware_matched")
+FAMILY = re.compile(r"agnostic_(rank|mlp)(\d+)")  # sized agnostic routers of the separation sweep
 DEFAULT_ROUTERS = ROUTERS[:4]  # the issue's four; aware_matched on request (--routers)
 # Covariance regime: per-dim variance on the "own" half and on the other half (equal trace).
 HIGH_VAR, LOW_VAR = 1.8, 0.2
 SEPARABLE_GAP, OVERLAP_GAP = 8.0, 0.5  # distance between the two means, in σ
+# When an agnostic router "reaches" the aware one in the separation sweep (`run_separation`).
+TV_TOL, MSE_TOL = 0.05, 0.10
 FIGURE = "tv_vs_ceiling.png"
+SEPARATION_FIGURE = "params_vs_d.png"
 
 
 @dataclass
 class ToyConfig:
-    """Sizes of the toy grid and of one run. Defaults: 3 seeds × every cell in about 3 min on CPU."""
+    """Sizes of the toy grid, of the separation sweep and of one run. Defaults: 3 seeds × every cell and
+    the sweep in about 15 min on 2 shared CPU cores."""
 
     dims: tuple[int, ...] = (16, 32)
     experts: tuple[int, ...] = (2, 4)
@@ -104,9 +120,20 @@ class ToyConfig:
     lr: float = 3e-2
     intermediate: int = 32
     matched_coef: float = 0.1
+    # The separation sweep (covariance regime, E = 2): dims, and the sizes of the agnostic families.
+    separation_dims: tuple[int, ...] = (8, 16, 32)
+    ranks: tuple[int, ...] = (1, 2, 4, 8, 16)
+    widths: tuple[int, ...] = (2, 4, 8, 16, 32)
 
     def __post_init__(self) -> None:
         self.dims, self.experts = tuple(self.dims), tuple(self.experts)
+        self.separation_dims = tuple(self.separation_dims)
+        self.ranks, self.widths = tuple(self.ranks), tuple(self.widths)
+        if any(d < 2 or d % 2 for d in self.separation_dims):
+            raise ValueError(f"ToyConfig.separation_dims: need even dimensions >= 2, got {list(self.separation_dims)}.")
+        for name in ("ranks", "widths"):
+            if any(v < 1 for v in getattr(self, name)):
+                raise ValueError(f"ToyConfig.{name}: sizes must be >= 1, got {list(getattr(self, name))}.")
         if not self.dims or any(d < 2 or d % 2 for d in self.dims):
             raise ValueError(f"ToyConfig.dims: need even dimensions >= 2 (covariance halves), got {list(self.dims)}.")
         if not self.experts or any(e < 2 or e % 2 for e in self.experts):
@@ -181,17 +208,30 @@ def matched_target(num_experts: int) -> dict[str, list[float]]:
 def router_config(router: str, num_experts: int, top_k: int, matched_coef: float) -> RouterConfig:
     """RouterConfig of one router of the comparison (dropless).
 
-    agnostic and agnostic_quadratic: W·x (resp. W·φ(x)). agnostic_matched: W·x plus the
-    matched-utilization loss (the loss sees the modality, the router does not). aware:
-    W·x + E[m]. aware_matched: aware plus the same loss.
+    Every agnostic design is the codebase's router on features φ(x) that start with [x, 1] (so it
+    has a bias: W·x + b); agnostic_matched adds the matched-utilization loss (the loss sees the
+    modality, the router does not). aware: W·x + E[m] (E[m] already is a per-modality bias, so a
+    shared one would add nothing). aware_matched: aware plus the same loss.
     """
-    if router not in ROUTERS:
-        raise ValueError(f"unknown router {router!r}; choose one of {list(ROUTERS)}.")
+    check_router(router)
     common = dict(num_experts=num_experts, top_k=top_k, drop_tokens=False, load_balance_coef=0.01,
                   mode="modality_bias" if router.startswith("aware") else "agnostic")
     if router.endswith("_matched"):
         common.update(matched_utilization_coef=matched_coef, matched_utilization_target=matched_target(num_experts))
     return RouterConfig(**common)
+
+
+def sized_router(router: str) -> bool:
+    """Whether `router` names a sized blind router: agnostic_rank<r> or agnostic_mlp<h>, r, h >= 1."""
+    match = FAMILY.fullmatch(router)
+    return bool(match) and int(match.group(2)) >= 1
+
+
+def check_router(router: str) -> None:
+    """Raise a one-line ValueError unless `router` is in ROUTERS or a sized family (`sized_router`)."""
+    if router not in ROUTERS and not sized_router(router):
+        raise ValueError(f"unknown router {router!r}; choose one of {list(ROUTERS)}, or agnostic_rank<r> / "
+                         f"agnostic_mlp<h> with r, h >= 1.")
 
 
 def quadratic_features(x: Tensor) -> Tensor:
@@ -200,25 +240,85 @@ def quadratic_features(x: Tensor) -> Tensor:
     return torch.cat([x, x[:, i] * x[:, j]], dim=1)
 
 
-class QuadraticRouterMoE(TorchMoE):
-    """`TorchMoE` whose router sees φ(x) (`quadratic_features`) while the experts see x."""
+class RouterFeatures(torch.nn.Module):
+    """φ(x) of an agnostic router: [x, 1] and, per design, quadratic or hidden features.
 
-    def __init__(self, cfg: RouterConfig, hidden_size: int, intermediate_size: int):
+    linear: [x, 1] (W·φ = W·x + b). quadratic: [x, 1, x_i·x_j] (every quadratic form). rank r:
+    [x, 1, (U·x)²] with U [r, d] learnt, so each logit is w·x + b + Σ_k a_k (u_k·x)², a quadratic
+    form of rank <= r (for E = 2 the logit gap is any rank-r form). mlp h: [x, 1, relu(V·x + c)],
+    a one-hidden-layer MLP of width h (with a linear skip).
+    """
+
+    def __init__(self, kind: str, dim: int, size: int = 0):
+        super().__init__()
+        self.kind = kind
+        self.proj = None
+        if kind == "rank":
+            self.proj = torch.nn.Linear(dim, size, bias=False)
+            torch.nn.init.normal_(self.proj.weight, std=1 / math.sqrt(dim))  # (u·x)² of order 1
+        elif kind == "mlp":
+            self.proj = torch.nn.Linear(dim, size)
+        extra = {"linear": 0, "quadratic": dim * (dim + 1) // 2, "rank": size, "mlp": size}[kind]
+        self.out_dim = dim + 1 + extra
+
+    def forward(self, x: Tensor) -> Tensor:
+        parts = [x, torch.ones_like(x[:, :1])]
+        if self.kind == "quadratic":
+            parts.append(quadratic_features(x)[:, x.shape[1]:])
+        elif self.kind == "rank":
+            parts.append(self.proj(x) ** 2)
+        elif self.kind == "mlp":
+            parts.append(torch.relu(self.proj(x)))
+        return torch.cat(parts, dim=1)
+
+
+def router_features(router: str, dim: int) -> RouterFeatures | None:
+    """The feature map of an agnostic router (None for the aware ones, which see x)."""
+    if router.startswith("aware"):
+        return None
+    if router == "agnostic_quadratic":
+        return RouterFeatures("quadratic", dim)
+    match = FAMILY.fullmatch(router)
+    if match:
+        return RouterFeatures(match.group(1), dim, int(match.group(2)))
+    return RouterFeatures("linear", dim)
+
+
+class FeatureRouterMoE(TorchMoE):
+    """`TorchMoE` whose router sees φ(x) (`RouterFeatures`) while the experts see x."""
+
+    def __init__(self, cfg: RouterConfig, hidden_size: int, intermediate_size: int, features: RouterFeatures):
         super().__init__(cfg, hidden_size, intermediate_size)
-        self.deepspeed_moe.gate = ModalityRouter(cfg, hidden_size + hidden_size * (hidden_size + 1) // 2)
+        self.features = features
+        self.deepspeed_moe.gate = ModalityRouter(cfg, features.out_dim)
 
     def forward(self, hidden_states: Tensor, modality_ids: Tensor) -> MoEOutput:
-        routing = self.deepspeed_moe.gate.route(quadratic_features(hidden_states), modality_ids)
+        routing = self.deepspeed_moe.gate.route(self.features(hidden_states), modality_ids)
         out = combine_routes(hidden_states, routing, self.deepspeed_moe.experts, self.use_grouped,
                              num_kept=hidden_states.shape[0] * self.cfg.max_top_k)
         return MoEOutput(out, routing.aux_loss, routing)
 
 
-def build_layer(router: str, dim: int, num_experts: int, cfg: ToyConfig) -> TorchMoE:
-    """The MoE layer of one router design."""
+def build_layer(router: str, dim: int, num_experts: int, cfg: ToyConfig, seed: int = 0) -> TorchMoE:
+    """The MoE layer of one router design. Its experts are drawn from their own generator (seed), so
+    every router design of a seed starts from bit-identical experts: only the router differs."""
     rc = router_config(router, num_experts, cfg.top_k, cfg.matched_coef)
-    cls = QuadraticRouterMoE if router == "agnostic_quadratic" else TorchMoE
-    return cls(rc, dim, cfg.intermediate)
+    features = router_features(router, dim)
+    layer = TorchMoE(rc, dim, cfg.intermediate) if features is None else FeatureRouterMoE(rc, dim, cfg.intermediate,
+                                                                                           features)
+    gen = torch.Generator().manual_seed(1_000_003 * seed + 17)
+    with torch.no_grad():
+        for p in layer.deepspeed_moe.experts.parameters():  # nn.Linear's default init, U(±1/sqrt(fan_in))
+            bound = 1 / math.sqrt(p.shape[1])
+            p.copy_((torch.rand(p.shape, generator=gen) * 2 - 1) * bound)
+    return layer
+
+
+def router_parameters(layer: TorchMoE) -> int:
+    """Trainable parameters of the router: the gate (W, and E[m] when aware) plus the feature map."""
+    gate = sum(p.numel() for p in layer.deepspeed_moe.gate.parameters())
+    features = getattr(layer, "features", None)
+    return gate + (sum(p.numel() for p in features.parameters()) if features is not None else 0)
 
 
 # -- metrics -------------------------------------------------------------------------------------
@@ -242,15 +342,52 @@ def _phi(z: float) -> float:
     return 0.5 * (1.0 + math.erf(z / math.sqrt(2.0)))
 
 
-def linear_ceiling_e2() -> float:
-    """Best TV of any half-space w·x > b between the covariance regime's two modalities.
+def halfspace_tv(ratio: float) -> float:
+    """Best TV of a half-space {y > b} between N(0, s²) and N(0, (ratio·s)²) (docs/theory.md, Theorem 1).
 
-    Along the best axis the two projections are N(0, HIGH_VAR) and N(0, LOW_VAR); the best
-    threshold b maximises Φ(b/σ_low) − Φ(b/σ_high) (stationary where the densities cross).
+    With ρ = max(ratio, 1/ratio) and c = sqrt(2 ln ρ / (ρ² − 1)) the best threshold sits where the
+    densities cross, |b| = c·s_high = ρ·c·s_low, and the TV is Φ(ρ·c) − Φ(c): 0 at ρ = 1, rising to 1/2.
     """
-    s_hi, s_lo = math.sqrt(HIGH_VAR), math.sqrt(LOW_VAR)
-    b = s_hi * s_lo * math.sqrt(2 * math.log(s_hi / s_lo) / (HIGH_VAR - LOW_VAR))
-    return _phi(b / s_lo) - _phi(b / s_hi)
+    rho = max(ratio, 1.0 / ratio)
+    if rho == 1.0:
+        return 0.0
+    c = math.sqrt(2.0 * math.log(rho) / (rho * rho - 1.0))
+    return _phi(rho * c) - _phi(c)
+
+
+def best_halfspace_tv(cov0: Tensor, cov1: Tensor) -> float:
+    """Best TV of any half-space {w·x > b} between N(0, cov0) and N(0, cov1) (docs/theory.md, Corollary 2):
+    `halfspace_tv` of the largest projected standard-deviation ratio, i.e. of sqrt(λ) for the generalized
+    eigenvalue λ of (cov1, cov0) farthest from 1 in ratio (cov0 must be positive definite)."""
+    chol = torch.linalg.cholesky(cov0.double())
+    inv = torch.linalg.inv(chol)
+    ev = torch.linalg.eigvalsh(inv @ cov1.double() @ inv.T)
+    return halfspace_tv(math.sqrt(max(float(ev.max()), 1.0 / float(ev.min()))))
+
+
+def modality_tv(regime: str, dim: int, n: int = 200_000, seed: int = 10_001) -> float:
+    """TV(P0, P1) of the regime's two modalities at `dim`: the most any router that does not see the
+    modality can reach (data processing; docs/theory.md, Proposition 3). Exact for the mean-shift
+    regimes (2Φ(gap/2) − 1); for the covariance regime a Monte-Carlo estimate (n draws per modality,
+    standard error < 0.002) of P0(A) − P1(A) on the likelihood-ratio set A = {p0 > p1}."""
+    if regime != "covariance":
+        return 2 * _phi((SEPARABLE_GAP if regime == "separable" else OVERLAP_GAP) / 2) - 1
+    gen = torch.Generator().manual_seed(seed)
+    half = torch.arange(dim) < dim // 2
+    var0 = torch.where(half, HIGH_VAR, LOW_VAR).double()
+    var1 = torch.where(half, LOW_VAR, HIGH_VAR).double()
+
+    def log_ratio(x: Tensor) -> Tensor:  # log p0(x) − log p1(x); the log-determinants are equal (swapped halves)
+        return 0.5 * (x ** 2 * (1 / var1 - 1 / var0)).sum(1)
+    x0 = torch.randn(n, dim, generator=gen, dtype=torch.float64) * var0.sqrt()
+    x1 = torch.randn(n, dim, generator=gen, dtype=torch.float64) * var1.sqrt()
+    return float((log_ratio(x0) > 0).double().mean() - (log_ratio(x1) > 0).double().mean())
+
+
+def linear_ceiling_e2() -> float:
+    """Best TV of any half-space w·x > b between the covariance regime's two modalities: the largest
+    projected standard-deviation ratio is sqrt(HIGH_VAR / LOW_VAR) = 3 (on any axis), so `halfspace_tv(3)`."""
+    return halfspace_tv(math.sqrt(HIGH_VAR / LOW_VAR))
 
 
 def linear_example_e4() -> float:
@@ -296,7 +433,7 @@ def run_cell(regime: str, dim: int, num_experts: int, router: str, seed: int, cf
     scale = y_train.std()
     y_train, y_test = y_train / scale, y_test / scale
     torch.manual_seed(seed)
-    layer = build_layer(router, dim, num_experts, cfg)
+    layer = build_layer(router, dim, num_experts, cfg, seed)
     opt = torch.optim.Adam(layer.parameters(), lr=cfg.lr)
     layer.train()
     for _ in range(cfg.steps):
@@ -335,19 +472,17 @@ def run_toy(seeds: list[int], cfg: ToyConfig, regimes: tuple[str, ...] = REGIMES
         if name not in REGIMES:
             raise ValueError(f"unknown regime {name!r}; choose from {list(REGIMES)}.")
     for name in routers:
-        if name not in ROUTERS:
-            raise ValueError(f"unknown router {name!r}; choose from {list(ROUTERS)}.")
+        check_router(name)
     start = time.perf_counter()
+    cache: dict = {}
     cells = {}
     for regime in regimes:
         for dim in cfg.dims:
             for e in cfg.experts:
                 for router in routers:
-                    runs = [run_cell(regime, dim, e, router, s, cfg) for s in seeds]
-                    cells[cell_key(regime, dim, e, router)] = {
-                        "regime": regime, "dim": dim, "num_experts": e, "router": router,
-                        "tv": mean_ci95([r.tv for r in runs]), "mse": mean_ci95([r.mse for r in runs]),
-                        "runs": [asdict(r) for r in runs]}
+                    cells[cell_key(regime, dim, e, router)] = {"regime": regime, "dim": dim, "num_experts": e,
+                                                               "router": router,
+                                                               **summarize(regime, dim, e, router, seeds, cfg, cache)}
     measured = {}
     for dim in cfg.dims:
         x, m = sample_tokens("covariance", cfg.test_tokens, dim, torch.Generator().manual_seed(10_000))
@@ -356,9 +491,106 @@ def run_toy(seeds: list[int], cfg: ToyConfig, regimes: tuple[str, ...] = REGIMES
                "e2_bias_free_router": 0.0, "e2_upper_bound": 0.5, "e4_linear_lower_bound": linear_example_e4()}
     results = {"experiment": "E4 gaussian toy", "command": command(seeds, cfg, regimes, routers),
                "config": asdict(cfg), "seeds": list(seeds), "ceiling": ceiling, "cells": cells,
-               "seconds": time.perf_counter() - start}
+               "separation": run_separation(seeds, cfg, cache), "seconds": time.perf_counter() - start}
     results.update(findings=findings(results), caveats=caveats(results), headline=headline(results))
     return results
+
+
+def summarize(regime: str, dim: int, e: int, router: str, seeds: list[int], cfg: ToyConfig, cache: dict) -> dict:
+    """{"tv", "mse" (`mean_ci95` over seeds), "runs"} of one cell; runs already trained (same key) come
+    from `cache` (the separation sweep shares cells with the grid)."""
+    runs = []
+    for s in seeds:
+        key = (regime, dim, e, router, s)
+        if key not in cache:
+            cache[key] = run_cell(regime, dim, e, router, s, cfg)
+        runs.append(cache[key])
+    return {"tv": mean_ci95([r.tv for r in runs]), "mse": mean_ci95([r.mse for r in runs]),
+            "runs": [asdict(r) for r in runs]}
+
+
+def capacity_tv(router: str, dim: int, seed: int, cfg: ToyConfig) -> float:
+    """What the router's function class can do when told the modality: its feature map plus one logit,
+    trained as a modality classifier (logistic loss, Adam, `cfg.steps` steps, the cell's data) and
+    read as a 2-expert router (expert 0 where the logit is > 0); the held-out routing TV.
+
+    This separates capacity from optimisation: `run_cell` trains the same router from the task's
+    gradient only. A surrogate loss finds a lower bound on the class's best TV (logistic loss cannot
+    find the affine ceiling at all: for two centred, symmetric classes its optimum is w = 0).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    teachers(dim, cfg.intermediate, gen)  # the same draws as run_cell, so the same tokens
+    x_train, m_train = sample_tokens("covariance", cfg.train_tokens, dim, gen)
+    x_test, m_test = sample_tokens("covariance", cfg.test_tokens, dim, gen)
+    torch.manual_seed(seed)
+    features = router_features(router, dim)
+    head = torch.nn.Linear(features.out_dim, 1, bias=False)  # φ(x) already holds the constant 1
+    opt = torch.optim.Adam([*features.parameters(), *head.parameters()], lr=cfg.lr)
+    for _ in range(cfg.steps):
+        idx = torch.randint(0, cfg.train_tokens, (cfg.batch,), generator=gen)
+        logit = head(features(x_train[idx]))[:, 0]
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, m_train[idx].float())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        pick = (head(features(x_test))[:, 0] > 0).long()
+    return routing_tv(pick, m_test, 2)[0]
+
+
+def sweep_routers(dim: int, cfg: ToyConfig) -> list[str]:
+    """The separation sweep's routers at dimension `dim`, each family smallest first (ranks up to d)."""
+    return (["aware", "agnostic"] + [f"agnostic_rank{r}" for r in cfg.ranks if r <= dim]
+            + [f"agnostic_mlp{h}" for h in cfg.widths] + ["agnostic_quadratic"])
+
+
+def family(router: str) -> str:
+    """linear, rank, mlp, quadratic or aware."""
+    match = FAMILY.fullmatch(router)
+    if match:
+        return match.group(1)
+    return {"agnostic": "linear", "agnostic_quadratic": "quadratic"}.get(router, "aware")
+
+
+def run_separation(seeds: list[int], cfg: ToyConfig, cache: dict | None = None) -> dict:
+    """The parameter-count table: covariance regime, E = 2, every d of `cfg.separation_dims`.
+
+    At each d: the aware router, and the agnostic families (affine; rank-r quadratic; MLP of width
+    h; full quadratic), each with its router parameter count (counted on the built module). A
+    router "reaches" the aware router when its mean held-out TV is at least the aware mean − TV_TOL
+    and its mean MSE at most the aware mean × (1 + MSE_TOL); per family the smallest one that does
+    is reported (None: no size of the sweep did). Beside them, the two proven bounds of
+    docs/theory.md: the best half-space TV (any affine router, E = 2) and TV(P0, P1) (any router
+    that does not see the modality, of any size).
+
+    Returns:
+        {"criterion", "dims": {str(d): {"routers": {name: {"family", "params", "tv", "mse", "runs",
+        "reaches"}}, "smallest": {family: name | None}, "bound_affine", "bound_any_agnostic"}}}
+    """
+    cache = {} if cache is None else cache
+    out = {"criterion": f"mean TV >= aware mean TV - {TV_TOL} and mean MSE <= aware mean MSE x {1 + MSE_TOL:g}",
+           "tv_tol": TV_TOL, "mse_tol": MSE_TOL, "dims": {}}
+    for dim in cfg.separation_dims:
+        routers = {}
+        for router in sweep_routers(dim, cfg):
+            routers[router] = {"family": family(router), "params": router_parameters(build_layer(router, dim, 2, cfg)),
+                               **summarize("covariance", dim, 2, router, seeds, cfg, cache)}
+            if router != "aware":
+                routers[router]["capacity_tv"] = mean_ci95([capacity_tv(router, dim, s, cfg) for s in seeds])
+        aware = routers["aware"]
+        for r in routers.values():
+            r["reaches"] = bool(r["tv"]["mean"] >= aware["tv"]["mean"] - TV_TOL
+                                and r["mse"]["mean"] <= aware["mse"]["mean"] * (1 + MSE_TOL))
+            r["capacity_reaches"] = bool(r.get("capacity_tv", r["tv"])["mean"] >= aware["tv"]["mean"] - TV_TOL)
+        smallest, smallest_capacity = {}, {}
+        for fam in ("linear", "rank", "mlp", "quadratic"):
+            for flag, table in (("reaches", smallest), ("capacity_reaches", smallest_capacity)):
+                ok = [name for name, r in routers.items() if r["family"] == fam and r[flag]]
+                table[fam] = min(ok, key=lambda name: routers[name]["params"]) if ok else None
+        out["dims"][str(dim)] = {"routers": routers, "smallest": smallest, "smallest_capacity": smallest_capacity,
+                                 "bound_affine": linear_ceiling_e2(),
+                                 "bound_any_agnostic": modality_tv("covariance", dim)}
+    return out
 
 
 def command(seeds: list[int], cfg: ToyConfig, regimes: tuple[str, ...], routers: tuple[str, ...]) -> str:
@@ -367,7 +599,9 @@ def command(seeds: list[int], cfg: ToyConfig, regimes: tuple[str, ...], routers:
     parts = ["python -m mmoe_ds.experiments.toy", "--seeds " + ",".join(map(str, seeds))]
     for flag, value, base in (("--steps", cfg.steps, default.steps), ("--dims", cfg.dims, default.dims),
                               ("--experts", cfg.experts, default.experts), ("--regimes", tuple(regimes), REGIMES),
-                              ("--routers", tuple(routers), DEFAULT_ROUTERS)):
+                              ("--routers", tuple(routers), DEFAULT_ROUTERS),
+                              ("--separation-dims", cfg.separation_dims, default.separation_dims),
+                              ("--ranks", cfg.ranks, default.ranks), ("--widths", cfg.widths, default.widths)):
         if value != base:
             parts.append(f"{flag} " + (",".join(map(str, value)) if isinstance(value, tuple) else str(value)))
     return " ".join(parts)
@@ -382,10 +616,10 @@ def results_table(results: dict) -> str:
         f"{cfg['steps']} Adam steps (lr {cfg['lr']}), seeds {results['seeds']}, {results['seconds']:.1f} s on CPU. "
         "TV = routing total variation of the first-choice expert between the modalities (held out).",
         "",
-        f"Linear ceiling (covariance regime, E=2): router without bias 0 (symmetry); best affine half-space "
-        f"{c['e2_analytic_affine_halfspace']:.3f} analytic ({measured} measured on {cfg['test_tokens']} samples); "
-        f"always <= 1/2. E=4: no ceiling <= 1/2; a bias-free linear router already reaches "
-        f"{c['e4_linear_lower_bound']:.3f} (lower bound).",
+        f"Agnostic routers have a bias (W·x + b). Linear ceiling (covariance regime, E=2; docs/theory.md): best "
+        f"half-space {c['e2_analytic_affine_halfspace']:.3f} analytic ({measured} measured on {cfg['test_tokens']} "
+        f"samples); always <= 1/2; a router without bias would be pinned at 0 by symmetry. E=4: no ceiling <= 1/2; "
+        f"a bias-free linear router already reaches {c['e4_linear_lower_bound']:.3f} (lower bound).",
         "",
         "| regime | d | E | router | TV (mean ± 95% CI) | MSE (mean ± 95% CI) |",
         "|---|---|---|---|---|---|"]
@@ -399,10 +633,75 @@ def results_markdown(results: dict) -> str:
     """results.md: the command, the table, the figure, and the generated findings and caveats."""
     lines = ["# E4: Gaussian toy — can a router that never sees the modality route by modality?", "",
              "```bash", results.get("command", "python -m mmoe_ds.experiments.toy"), "```", "",
-             results_table(results), f"![routing TV against the ceiling]({FIGURE})", "", "**What this says**", ""]
-    lines += [f"- {x}" for x in results.get("findings", [])] + ["", "**What it does not say**", ""]
+             results_table(results), f"![routing TV against the ceiling]({FIGURE})", ""]
+    if (results.get("separation") or {}).get("dims"):
+        lines += [separation_table(results["separation"]), f"![router parameters against d]({SEPARATION_FIGURE})", ""]
+    lines += ["**What this says**", ""] + [f"- {x}" for x in results.get("findings", [])]
+    lines += ["", "**What it does not say**", ""]
     lines += [f"- {x}" for x in results.get("caveats", [])]
     return "\n".join(lines) + "\n"
+
+
+def _smallest(row: dict, key: str, fam: str, sizes: str) -> str:
+    name = row[key][fam]
+    if name is None:
+        return f"none ({sizes})"
+    return f"{name.removeprefix('agnostic_')} ({row['routers'][name]['params']} p)"
+
+
+def separation_table(sep: dict) -> str:
+    """Markdown: the parameter-count summary per d, then every router of the sweep."""
+    dims = sep["dims"]
+    any_row = next(iter(dims.values()))
+    ranks = "r <= " + str(max([int(n.removeprefix("agnostic_rank")) for n in any_row["routers"] if "rank" in n] or [0]))
+    widths = "h <= " + str(max([int(n.removeprefix("agnostic_mlp")) for n in any_row["routers"] if "mlp" in n] or [0]))
+    lines = ["**Separation (covariance regime, E=2): the smallest agnostic router that reaches the aware router**", "",
+             f"Reaches = {sep['criterion']}. *Task*: trained inside the MoE layer from the task's gradient, like the "
+             "aware router. *Class*: the same feature map and one logit trained as a modality classifier (told the "
+             "modality): what the function class can do. p = router parameters (counted on the module). Bounds "
+             "(docs/theory.md): an affine router's TV <= the best half-space TV; any router blind to the modality, "
+             "of any size, <= TV(P0, P1).", "",
+             "| d | aware: p, TV, MSE | bound: any blind router | affine: p, task TV (ceiling) | rank-r quadratic: "
+             "task / class | MLP width h: task / class | full quadratic: p, task TV / class TV |",
+             "|---|---|---|---|---|---|---|"]
+    for d, row in dims.items():
+        r = row["routers"]
+        aware, affine, quad = r["aware"], r["agnostic"], r["agnostic_quadratic"]
+        lines.append(
+            f"| {d} | {aware['params']}, {_fmt(aware['tv'])}, {_fmt(aware['mse'])} | {row['bound_any_agnostic']:.3f} | "
+            f"{affine['params']}, {_fmt(affine['tv'])} ({row['bound_affine']:.3f}) | "
+            f"{_smallest(row, 'smallest', 'rank', ranks)} / {_smallest(row, 'smallest_capacity', 'rank', ranks)} | "
+            f"{_smallest(row, 'smallest', 'mlp', widths)} / {_smallest(row, 'smallest_capacity', 'mlp', widths)} | "
+            f"{quad['params']}, {_fmt(quad['tv'])} / {_fmt(quad['capacity_tv'])} |")
+    lines += ["", "| d | router | p | task TV | task MSE | class TV | reaches (task / class) |",
+              "|---|---|---|---|---|---|---|"]
+    for d, row in dims.items():
+        for name, r in row["routers"].items():
+            cap = _fmt(r["capacity_tv"]) if "capacity_tv" in r else "1 (sees m)"
+            lines.append(f"| {d} | {name} | {r['params']} | {_fmt(r['tv'])} | {_fmt(r['mse'])} | {cap} | "
+                         f"{'yes' if r['reaches'] else 'no'} / {'yes' if r['capacity_reaches'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def separation_findings(sep: dict) -> list[str]:
+    """One sentence per d of the separation sweep."""
+    out = []
+    for d, row in (sep.get("dims") or {}).items():
+        r = row["routers"]
+        aware = r["aware"]
+
+        def named(key: str) -> str:
+            found = [f"{row[key][f].removeprefix('agnostic_')} ({r[row[key][f]]['params']} parameters)"
+                     for f in ("rank", "mlp", "quadratic") if row[key][f]]
+            return ", ".join(found) if found else "none of the sweep"
+        out.append(f"Separation, d={d}: the aware router ({aware['params']} parameters) reaches TV "
+                   f"{_fmt(aware['tv'])}, "
+                   f"MSE {_fmt(aware['mse'])}; no blind router of any size can exceed TV(P0, P1) = "
+                   f"{row['bound_any_agnostic']:.3f}, and an affine one ({r['agnostic']['params']} parameters) not "
+                   f"{row['bound_affine']:.3f} (measured {_fmt(r['agnostic']['tv'])}). Smallest blind routers that "
+                   f"reach it when trained on the task: {named('smallest')}; whose class reaches it when told the "
+                   f"modality: {named('smallest_capacity')}.")
+    return out
 
 
 def _fmt(summary: dict) -> str:
@@ -432,13 +731,13 @@ def findings(results: dict) -> list[str]:
                               for r in ("agnostic", "agnostic_matched")}
                     above = [r for r, cell in linear.items() if cell and cell["tv"]["mean"] > ceiling]
                     if any(linear.values()):
-                        line += (f" Above the linear ceiling {ceiling:.3f}: {', '.join(above)}." if above else
-                                 f" Linear agnostic routers at or below the linear ceiling {ceiling:.3f}.")
+                        line += (f" Above the half-space ceiling {ceiling:.3f}: {', '.join(above)}." if above else
+                                 f" Affine agnostic routers at or below the half-space ceiling {ceiling:.3f}.")
                 elif regime == "covariance":
                     line += (f" No ceiling <= 1/2 here: a bias-free linear router can reach "
                              f"{c['e4_linear_lower_bound']:.3f} with E=4.")
                 out.append(line)
-    return out
+    return out + separation_findings(results.get("separation") or {})
 
 
 def caveats(results: dict) -> list[str]:
@@ -449,6 +748,12 @@ def caveats(results: dict) -> list[str]:
              f"Top-{results['config']['top_k']} routing: with E=2 both experts compute every token and TV is about "
              "the first choice (the larger gate). With top-1 Switch gates the aware router did not learn modality "
              "routing reliably (see the module docstring of mmoe_ds/experiments/toy.py)."]
+    if (results.get("separation") or {}).get("dims"):
+        notes.append("Separation sweep: the parameter counts are of dense routers (a rank-r form reads r·d projection "
+                     "weights); the theorems bound what a router of a class can reach (docs/theory.md), the sweep "
+                     "measures what training finds in " + str(results["config"]["steps"]) + " steps, so 'none of "
+                     "the sweep' for a task-trained family is an optimisation outcome unless its class also fails. "
+                     "The class TV comes from a logistic surrogate: a lower bound on what the class can do.")
     unstable = [f"{k} ({_fmt(cell['tv'])})" for k, cell in results["cells"].items()
                 if cell["tv"]["ci95"] is not None and cell["tv"]["ci95"] > 0.1]
     if unstable:
@@ -464,9 +769,18 @@ def headline(results: dict) -> str:
                         for r in ("agnostic", "aware", "agnostic_quadratic"))
     if not (agn and aware):
         return "see the table"
-    text = (f"covariance-shape regime, d={dim}, E=2: agnostic linear router TV {_fmt(agn['tv'])} against a linear "
-            f"ceiling of {results['ceiling']['e2_analytic_affine_halfspace']:.3f}; aware router TV {_fmt(aware['tv'])}")
-    return text + (f"; agnostic quadratic router TV {_fmt(quad['tv'])}." if quad else ".")
+    text = (f"covariance-shape regime, d={dim}, E=2: agnostic affine router TV {_fmt(agn['tv'])} against a "
+            f"half-space ceiling of {results['ceiling']['e2_analytic_affine_halfspace']:.3f}; aware router TV "
+            f"{_fmt(aware['tv'])}")
+    text += f"; agnostic quadratic router TV {_fmt(quad['tv'])}." if quad else "."
+    row = ((results.get("separation") or {}).get("dims") or {}).get(str(dim))
+    if row:
+        cap = [f"{row['smallest_capacity'][f].removeprefix('agnostic_')} "
+               f"({row['routers'][row['smallest_capacity'][f]]['params']} parameters)"
+               for f in ("rank", "mlp") if row["smallest_capacity"][f]]
+        text += (f" Smallest blind router whose class reaches the aware router ({row['routers']['aware']['params']} "
+                 f"parameters): {' or '.join(cap) if cap else 'none of the sweep'}.")
+    return text
 
 
 def tv_figure_png(results: dict) -> bytes:
@@ -528,12 +842,54 @@ def _draw_bounds(ax, groups: list[tuple[int, int]], ceiling: dict) -> None:
             labelled.add(label)
 
 
+def separation_figure_png(results: dict) -> bytes:
+    """PNG bytes: router parameters against d — the aware router, the affine router (never reaches), and
+    per agnostic family the smallest size that reaches the aware router (task-trained: filled; class: open)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dims = results["separation"]["dims"]
+    ds = [int(d) for d in dims]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    ax.plot(ds, [dims[str(d)]["routers"]["aware"]["params"] for d in ds], "k-o", label="aware (W·x + E[m])")
+    ax.plot(ds, [dims[str(d)]["routers"]["agnostic"]["params"] for d in ds], "k:", label="affine (never can: <= 0.242)")
+    for fam, color, label in (("rank", "tab:blue", "rank-r quadratic"), ("mlp", "tab:orange", "MLP width h"),
+                              ("quadratic", "tab:green", "full quadratic")):
+        for key, style, how in (("smallest", "-s", "task-trained"), ("smallest_capacity", "--o", "class, told m")):
+            pts = [(d, dims[str(d)]["routers"][dims[str(d)][key][fam]]["params"]) for d in ds if dims[str(d)][key][fam]]
+            if pts:
+                ax.plot(*zip(*pts), style, color=color, mfc=color if key == "smallest" else "white",
+                        label=f"{label}: smallest reaching ({how})")
+    for d in ds:  # where no blind router of the sweep reaches the aware one, say why it cannot
+        row = dims[str(d)]
+        if not any(row["smallest_capacity"].values()):
+            ax.annotate(f"d={d}: none reaches;\nany blind router <= TV(P0,P1) = {row['bound_any_agnostic']:.3f}",
+                        (d, row["routers"]["aware"]["params"]), xytext=(0, 40), textcoords="offset points",
+                        fontsize=7, ha="left", arrowprops={"arrowstyle": "->", "lw": 0.5})
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(ds, [str(d) for d in ds])
+    ax.set_xlabel("token dimension d")
+    ax.set_ylabel("router parameters")
+    ax.set_title(f"E4 separation (covariance regime, E=2), seeds {results['seeds']}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
 def write_results(results: dict, out: Path) -> None:
     """results.json, results.md and tv_vs_ceiling.png in `out` (created if missing), each written atomically."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
     atomic_write_text(out / "results.md", results_markdown(results))
     atomic_write_bytes(out / FIGURE, tv_figure_png(results))
+    if (results.get("separation") or {}).get("dims"):
+        atomic_write_bytes(out / SEPARATION_FIGURE, separation_figure_png(results))
 
 
 def _int_list(text: str) -> list[int]:
@@ -547,11 +903,17 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _names(known: tuple[str, ...]):
-    """argparse type: comma-separated names, each one of `known`."""
+def _int_list_or_none(text: str) -> list[int]:
+    """argparse type: like `_int_list`, or "none" for an empty list."""
+    return [] if text.strip().lower() == "none" else _int_list(text)
+
+
+def _names(known: tuple[str, ...], sized: bool = False):
+    """argparse type: comma-separated names, each one of `known` (or, with `sized`, agnostic_rank<r> /
+    agnostic_mlp<h>)."""
     def parse(text: str) -> tuple[str, ...]:
         names = tuple(s.strip() for s in text.split(",") if s.strip())
-        bad = [n for n in names if n not in known]
+        bad = [n for n in names if n not in known and not (sized and sized_router(n))]
         if bad or not names:
             raise argparse.ArgumentTypeError(f"unknown {bad or 'empty list'}; choose from {','.join(known)}")
         return names
@@ -566,17 +928,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dims", type=_int_list, default=list(ToyConfig.dims))
     ap.add_argument("--experts", type=_int_list, default=list(ToyConfig.experts))
     ap.add_argument("--regimes", type=_names(REGIMES), default=REGIMES)
-    ap.add_argument("--routers", type=_names(ROUTERS), default=DEFAULT_ROUTERS)
+    ap.add_argument("--routers", type=_names(ROUTERS, sized=True), default=DEFAULT_ROUTERS)
+    ap.add_argument("--separation-dims", type=_int_list_or_none, default=list(ToyConfig.separation_dims),
+                    help="d of the separation sweep (covariance regime, E=2); 'none' skips it")
+    ap.add_argument("--ranks", type=_int_list, default=list(ToyConfig.ranks), help="rank-r quadratic routers")
+    ap.add_argument("--widths", type=_int_list, default=list(ToyConfig.widths), help="MLP routers of width h")
     ap.add_argument("--out", type=Path, default=Path("runs/experiments/e4_toy"))
     args = ap.parse_args(argv)
     try:
-        cfg = ToyConfig(dims=args.dims, experts=args.experts, steps=args.steps)
+        cfg = ToyConfig(dims=args.dims, experts=args.experts, steps=args.steps, separation_dims=args.separation_dims,
+                        ranks=args.ranks, widths=args.widths)
     except ValueError as exc:
         ap.error(str(exc))
     results = run_toy(args.seeds, cfg, regimes=args.regimes, routers=args.routers)
     write_results(results, args.out)
     print(results_table(results), end="")
-    print(f"wrote results.json, results.md and {FIGURE} to {args.out} in {results['seconds']:.1f} s")
+    figures = FIGURE + (f" and {SEPARATION_FIGURE}" if results["separation"]["dims"] else "")
+    print(f"wrote results.json, results.md, {figures} to {args.out} in {results['seconds']:.1f} s")
     return 0
 
 

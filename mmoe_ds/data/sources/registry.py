@@ -8,13 +8,14 @@ from typing import Any
 
 from .base import Source, SourceError
 from .bundled import EmbeddedSource
+from .covariance import CovarianceSource
 from .emoji import EmojiSource
 from .folder import FolderSource
 from .hf import HFSource
 from .text_files import TextFilesSource
 
 SOURCES: dict[str, type[Source]] = {cls.name: cls for cls in (EmbeddedSource, FolderSource, HFSource, TextFilesSource,
-                                                                 EmojiSource)}
+                                                                 EmojiSource, CovarianceSource)}
 
 
 def make_source(args: Any) -> Source:
