@@ -5,6 +5,13 @@ the rest in `mp_rank_00_model_states.pt`, optimizer shards per rank), plus ours:
 (step, ep_size, world size, model config) and `rank{r}_state.pt` (that rank's loader position
 and RNG states). `OUT/checkpoints/latest` names the newest *complete* tag: it is written last,
 atomically, after every rank has finished, so a crash mid-save leaves the previous one in force.
+
+meta.json also lists every file of the tag with its size (`files`, written once all ranks have
+saved). A tag that `latest` names but whose files are not all there (meta.json missing, an expert
+file pruned or never copied, a file cut short by a full disk or an interrupted copy) is refused,
+by resume and by export alike, with one line naming the tag, what is wrong and the complete tags
+there are: never a silent start from scratch, nor another checkpoint's weights in its place
+(`latest_tag`, `verify_tag`).
 """
 from __future__ import annotations
 
@@ -12,6 +19,7 @@ import json
 import os
 import random
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +27,18 @@ import torch
 import torch.distributed as dist
 
 from .atomic import atomic_open, atomic_write_text
+from .recipe import ConfigError
 from .safe_load import RNG_STATE_GLOBALS, SafeLoadCheckpointEngine, deepspeed_globals, safe_torch_load
 
-__all__ = ["atomic_write_text", "checkpoint_dir", "latest_tag", "resume", "rng_state", "save", "set_rng_state"]
+__all__ = ["IncompleteCheckpointError", "atomic_write_text", "checkpoint_dir", "latest_tag", "resume", "rng_state",
+           "save", "set_rng_state", "verify_tag"]
+
+MODEL_FILE = "mp_rank_00_model_states.pt"
+
+
+class IncompleteCheckpointError(ConfigError):
+    """A checkpoint whose files are not all there (or not whole): refused rather than replaced by a
+    fresh start or by another checkpoint. A `ConfigError`: the trainer stops before training."""
 
 
 def rng_state() -> dict:
@@ -43,12 +60,75 @@ def checkpoint_dir(output_dir: str | os.PathLike) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def latest_tag(ckpt_dir: Path) -> str | None:
+def latest_tag(ckpt_dir: Path, model_only: bool = False) -> str | None:
+    """The tag `ckpt_dir/latest` names, checked complete (`verify_tag`); None when there is no `latest`.
+
+    Raises: IncompleteCheckpointError when the tag it names is missing or incomplete."""
     latest = ckpt_dir / "latest"
     if not latest.exists():
         return None
     tag = latest.read_text().strip()
-    return tag if (ckpt_dir / tag / "meta.json").exists() else None
+    verify_tag(ckpt_dir / tag, model_only, named_by=latest)
+    return tag
+
+
+def expected_files(meta: dict, model_only: bool = False) -> list[str]:
+    """The files a tag written with `meta` must hold whatever wrote it: the model file, one file per
+    expert per MoE layer (DeepSpeed numbers MoE layers in order) and, unless `model_only`, each
+    rank's state."""
+    from .model import MmoeConfig
+
+    config = MmoeConfig(**dict(meta["model_config"], moe_backend="torch", ep_size=1))
+    moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
+    names = [MODEL_FILE] + [f"layer_{layer}_expert_{e}_{MODEL_FILE}" for layer in range(moe_layers)
+                            for e in range(config.num_local_experts)]
+    return names if model_only else names + [f"rank{r}_state.pt" for r in range(meta["world_size"])]
+
+
+def is_model_file(name: str) -> bool:
+    """The non-expert weights or one expert's (`layer_L_expert_E_mp_rank_00_model_states.pt`)."""
+    return name == MODEL_FILE or (name.startswith("layer_") and "_expert_" in name and name.endswith(MODEL_FILE))
+
+
+def tag_problem(tag_dir: Path, model_only: bool = False) -> str | None:
+    """None when `tag_dir` is a complete checkpoint, else what is wrong with it (one phrase).
+
+    Every file meta.json lists must have its size; the expected files must be there (checkpoints
+    written before the list was kept: each one a whole zip, as torch.save writes them)."""
+    if not (tag_dir / "meta.json").is_file():
+        return "it has no meta.json" if tag_dir.is_dir() else "there is no such folder"
+    try:
+        meta = json.loads((tag_dir / "meta.json").read_text())
+        expected = expected_files(meta, model_only)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"its meta.json is unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    listed = {name: size for name, size in meta.get("files", {}).items() if not model_only or is_model_file(name)}
+    for name in expected + sorted(set(listed) - set(expected)):
+        path = tag_dir / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if name in listed and path.stat().st_size != listed[name]:
+            return f"{name} has {path.stat().st_size} bytes, not the {listed[name]} written"
+        if name not in listed and not zipfile.is_zipfile(path):
+            return f"{name} is not a whole torch.save file (truncated?)"
+    return None
+
+
+def verify_tag(tag_dir: Path, model_only: bool = False, named_by: Path | None = None) -> None:
+    """Raises IncompleteCheckpointError (one line: the tag, what is wrong, the complete tags beside it
+    and the fix) unless `tag_dir` is complete; `model_only` checks only what an export reads."""
+    problem = tag_problem(tag_dir, model_only)
+    if problem is None:
+        return
+    siblings = sorted(p for p in tag_dir.parent.iterdir() if p.is_dir() and p != tag_dir) if tag_dir.parent.is_dir() \
+        else []
+    complete = [p.name for p in siblings if tag_problem(p, model_only) is None]
+    where = f"{named_by} names {tag_dir.name}, but that checkpoint is incomplete" if named_by else \
+        f"{tag_dir}: incomplete checkpoint"
+    fix = (f"write one of the complete tags here ({', '.join(complete)}) into {named_by}" if named_by and complete
+           else f"use one of the complete checkpoints ({', '.join(complete)})" if complete
+           else "restore the missing files from a copy, or move the checkpoints away to start anew")
+    raise IncompleteCheckpointError(f"{where}: {problem}; refusing to use other weights in its place. To go on, {fix}.")
 
 
 def save(engine, output_dir: str, step: int, meta: dict, rank_state: dict, keep_last: int) -> str:
@@ -60,8 +140,11 @@ def save(engine, output_dir: str, step: int, meta: dict, rank_state: dict, keep_
     with atomic_open(ckpt_dir / tag / f"rank{rank}_state.pt", "wb") as f:
         torch.save(rank_state, f)
     dist.barrier()
-    if rank == 0:
-        atomic_write_text(ckpt_dir / tag / "meta.json", json.dumps(dict(meta, step=step, tag=tag), indent=1))
+    if rank == 0:  # every rank's files are written: list them, so that a later loss or truncation shows
+        files = {p.name: p.stat().st_size for p in sorted((ckpt_dir / tag).iterdir()) if p.is_file()
+                 and p.name != "meta.json"}
+        atomic_write_text(ckpt_dir / tag / "meta.json", json.dumps(dict(meta, step=step, tag=tag, files=files),
+                                                                   indent=1))
         atomic_write_text(ckpt_dir / "latest", tag)
         tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step"))
         for old in tags[:-keep_last]:

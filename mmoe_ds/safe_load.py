@@ -14,6 +14,9 @@ on real checkpoints, ZeRO 0/1/2 × fp32/bf16; the fp16 loss scaler from DeepSpee
   holds a uint32 array).
 
 Anything else is refused with `UnsafeCheckpointError`, which names the file and the global.
+These lists are pinned by tests/test_safe_load.py, with a table of known pickle gadgets (eval,
+exec, getattr, os.system, subprocess.Popen, functools.partial, nested loads, ...): an entry added
+here must be argued for above and added there.
 """
 from __future__ import annotations
 
@@ -30,8 +33,8 @@ import torch
 
 from .recipe import ConfigError
 
-__all__ = ["UnsafeCheckpointError", "SafeLoadCheckpointEngine", "RNG_STATE_GLOBALS", "deepspeed_globals",
-           "pickle_globals", "safe_torch_load"]
+__all__ = ["UnsafeCheckpointError", "SafeLoadCheckpointEngine", "RNG_STATE_GLOBALS", "allowed_globals",
+           "deepspeed_globals", "pickle_globals", "safe_torch_load"]
 
 
 class UnsafeCheckpointError(ConfigError):
@@ -101,17 +104,24 @@ def pickle_globals(data: bytes) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def _allowed_names(allowed: Sequence) -> set[str]:
+def _global_name(entry) -> str:
+    return entry[1] if isinstance(entry, tuple) else f"{entry.__module__}.{entry.__qualname__}"
+
+
+def allowed_globals(allowed: Sequence = ()) -> set[str]:
+    """Every `module.name` a file read with `safe_torch_load(..., allowed=allowed)` may reference: torch's
+    weights-only defaults, what has been registered process-wide with `torch.serialization.add_safe_globals`
+    (torch registers a few of its own tensor types on import; mmoe-ds registers nothing) and `allowed`."""
     torch_defaults = getattr(torch._weights_only_unpickler, "_get_allowed_globals", dict)  # private in torch 2.13
     names = set(torch_defaults())
-    for entry in allowed:
-        names.add(entry[1] if isinstance(entry, tuple) else f"{entry.__module__}.{entry.__qualname__}")
+    names.update(_global_name(entry) for entry in torch.serialization.get_safe_globals())
+    names.update(_global_name(entry) for entry in allowed)
     return names
 
 
 def _refusal(path: str | os.PathLike, allowed: Sequence, error: pickle.UnpicklingError) -> UnsafeCheckpointError:
     try:
-        names = [g for g in pickle_globals(_pickle_bytes(path)) if g not in _allowed_names(allowed)]
+        names = [g for g in pickle_globals(_pickle_bytes(path)) if g not in allowed_globals(allowed)]
     except (OSError, zipfile.BadZipFile):
         names = []
     if names:

@@ -130,9 +130,12 @@ def test_nothing_to_evaluate_is_a_problem(tmp_path):
     assert "evaluation has nothing to measure" in problem and "validation" in problem
 
 
-def test_missing_dataset(tmp_path):
-    built = check_data(DataSection(dir=str(tmp_path / "none")), 2)
+def test_missing_dataset(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    built = check_data(DataSection(), 2)  # only the embedded default dataset is built by the run
     assert built.ok and "builds the embedded dataset" in built.summary
+    misspelled = check_data(DataSection(dir=str(tmp_path / "none")), 2)  # never other data in its place
+    assert f"data.dir={tmp_path / 'none'} does not exist" in misspelled.problems[0]
     missing = check_data(DataSection(dir=str(tmp_path / "none"), prepare_if_missing=False), 2)
     assert "mmoe-ds prepare --out" in missing.problems[0]
 
@@ -172,3 +175,59 @@ def test_skip_counts_merge_the_ranks_records_in_a_fixed_order():
     totals = trainer.skip_counts()
     assert list(totals) == list(SKIP_REASONS)
     assert {k: v for k, v in totals.items() if v} == {"bad_image": 7, "corrupt_tar": 1, "empty_caption": 2}
+
+
+# -- token counts of the loss metrics, with and without <bos> ----------------------------------------------
+# Three text samples of 3, 1 and 2 words; one token per word (a word-level vocabulary). A label at
+# position t is predicted from positions < t, so label position 0 is never a prediction: with <bos>
+# (labels -100, w.., <eos>) each sample has words + 1 predicted tokens, 4 + 2 + 3 = 9; without <bos>
+# (Qwen2's kind: labels w.., <eos>) the first word is position 0, so words + 1 - 1: 3 + 1 + 2 = 6.
+EVAL_TEXTS = ["w1 w2 w3", "w4", "w5 w6"]
+
+
+def word_processor(bos: bool):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from mmoe_ds.data import MmoeProcessor
+
+    specials = ["<pad>", "<unk>", "</s>", "<image>"] + (["<s>"] if bos else [])
+    vocab = {w: i for i, w in enumerate(specials + [f"w{i}" for i in range(10)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>",
+                                   additional_special_tokens=["<image>"], **({"bos_token": "<s>"} if bos else {}))
+    return MmoeProcessor(fast, max_length=24)
+
+
+@pytest.mark.parametrize("bos,expected", [(True, 9), (False, 6)])
+def test_text_token_count_excludes_label_position_0(bos, expected):
+    """`Evaluator._loss_sums` on a real model: the count is the hand count above, and the sum is the
+    float64 cross-entropy over exactly those positions."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from mmoe_ds.evaluate import Evaluator
+    from mmoe_ds.model import MmoeConfig, MmoeForCausalLM
+    from mmoe_ds.train import Trainer
+
+    processor = word_processor(bos)
+    batch = processor.collate([processor.encode(None, text) for text in EVAL_TEXTS])
+    assert (batch["labels"][:, 0] != -100).sum().item() == (0 if bos else 3)  # what tells the two apart
+    torch.manual_seed(0)
+    model = MmoeForCausalLM(MmoeConfig(vocab_size=len(processor.tokenizer), hidden_size=32, num_hidden_layers=2,
+                                       num_attention_heads=2, intermediate_size=32, moe_intermediate_size=16,
+                                       num_local_experts=4, max_position_embeddings=24,
+                                       image_token_id=processor.image_token_id, moe_backend="torch")).eval()
+    trainer = SimpleNamespace(engine=model, device=torch.device("cpu"))
+    trainer.to_device = lambda b: Trainer.to_device(trainer, b)
+    evaluator = Evaluator(trainer, plan=None)
+    evaluator.batches = {"text": [batch]}
+    with torch.no_grad():
+        total, count = evaluator._loss_sums("text")
+        logits = model(**trainer.to_device(batch)).logits.double()
+    assert count == expected
+    oracle = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+                             ignore_index=-100, reduction="sum")
+    assert total == pytest.approx(oracle.item(), rel=1e-5)

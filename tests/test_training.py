@@ -82,9 +82,8 @@ def test_training_lowers_loss_and_writes_metrics_and_report(run_a):
     assert (run_a / "checkpoints" / "latest").read_text() == "step00000030"
 
 
-def test_kill_9_mid_training_then_resume_gives_identical_losses(run_a, small_dataset, tmp_path):
-    run = tmp_path / "b"
-    recipe = write_recipe(tmp_path / "b.json", small_dataset, run)
+def train_until_killed(recipe: Path, run: Path, step: int) -> None:
+    """Launch the training of `recipe` and kill -9 the whole launch once `step` is in metrics.jsonl."""
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
            "--module", "mmoe_ds.train", "--recipe", str(recipe), "--deepspeed_config", DS_CONFIG]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
@@ -92,19 +91,48 @@ def test_kill_9_mid_training_then_resume_gives_identical_losses(run_a, small_dat
                             start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if (run / "metrics.jsonl").exists() and max(losses(run), default=0) >= 23:
+        if (run / "metrics.jsonl").exists() and max(losses(run), default=0) >= step:
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the run ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+
+
+def train_steps(run: Path) -> list[int]:
+    """The step of every train record in metrics.jsonl, in file order (a repeated step shows twice)."""
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+            if json.loads(line)["kind"] == "train"]
+
+
+def tensorboard_losses(run: Path) -> list[tuple[int, float]]:
+    """(step, value) of `train/loss` as TensorBoard shows it (its restart purge applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    [log_dir] = {p.parent for p in (run / "tensorboard").rglob("events.out.tfevents*")}
+    accumulator = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return [(e.step, e.value) for e in accumulator.Scalars("train/loss")]
+
+
+def test_kill_9_mid_training_then_resume_gives_identical_losses(run_a, small_dataset, tmp_path):
+    """kill -9 before the first checkpoint (restart from scratch), then after the step-20 one (resume):
+    every step once in metrics.jsonl and in TensorBoard, the losses those of the uninterrupted run."""
+    run = tmp_path / "b"
+    recipe = write_recipe(tmp_path / "b.json", small_dataset, run)
+    train_until_killed(recipe, run, 5)
+    assert not (run / "checkpoints" / "latest").exists() and 5 <= max(losses(run)) < 10
+    train_until_killed(recipe, run, 23)  # starts anew: steps 1.. are not appended after the first attempt's
     assert max(losses(run)) < 30
     assert (run / "checkpoints" / "latest").read_text() == "step00000020"
     train(recipe)  # resumes from step 20
     resumed, reference = losses(run), losses(run_a)
-    assert sorted(resumed) == list(range(1, 31))
-    for step in range(21, 31):
+    assert train_steps(run) == list(range(1, 31))
+    for step in range(1, 31):
         assert resumed[step] == pytest.approx(reference[step], rel=1e-6, abs=1e-7), step
+    shown = tensorboard_losses(run)
+    assert [s for s, _ in shown] == list(range(1, 31))
+    assert [v for _, v in shown] == pytest.approx([resumed[s] for s in range(1, 31)], rel=1e-6)
 
 
 def test_checkpoint_moves_between_expert_parallel_sizes(run_a, small_dataset, tmp_path):

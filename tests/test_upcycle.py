@@ -275,6 +275,37 @@ def test_top1_is_not_function_preserving_and_noise_makes_experts_differ(tmp_path
     assert not torch.equal(experts[0].w1.weight, experts[1].w1.weight)
 
 
+def test_noise_magnitude_is_relative_to_each_weight(tmp_path):
+    """`--noise` is a standard deviation relative to each weight's own: for every expert weight, std(expert -
+    dense) / std(dense) is within 10% of it, with weights whose scales differ by 100x (so neither an
+    absolute std nor one shared scale passes), mean ~0, and each expert drawn independently."""
+    dense = dense_llama(tmp_path / "plain")
+    scales = {"gate_proj": 1.0, "up_proj": 10.0, "down_proj": 0.1}
+    with torch.no_grad():
+        for layer in dense.model.layers:
+            for name, scale in scales.items():
+                getattr(layer.mlp, name).weight.mul_(scale)
+    dense.save_pretrained(tmp_path / "dense")
+    save_tokenizer(tmp_path / "dense", LLAMA_SPECIALS)
+    noise = 0.05
+    upcycle(tmp_path / "dense", tmp_path / "moe", UpcycleOptions(experts=4, top_k=2, moe_layers=[0, 2], noise=noise))
+    moe = MmoeForCausalLM.from_pretrained(tmp_path / "moe")
+    checked = 0
+    for i in (0, 2):
+        experts = moe.model.layers[i].ffn.deepspeed_moe.experts.deepspeed_experts
+        for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
+            w = getattr(dense.model.layers[i].mlp, theirs).weight.detach().double()
+            deltas = [(getattr(e, ours).weight.detach().double() - w).flatten() for e in experts]
+            for delta in deltas:
+                assert delta.std() / w.std() == pytest.approx(noise, rel=0.1), (i, ours)
+                assert abs(delta.mean()) < 0.2 * noise * w.std()
+                checked += 1
+            correlation = torch.corrcoef(torch.stack(deltas))
+            assert (correlation - torch.eye(len(deltas), dtype=correlation.dtype)).abs().max() < 0.15
+    assert checked == 2 * 3 * 4
+    assert torch.equal(moe.model.layers[1].ffn.w1.weight, dense.model.layers[1].mlp.gate_proj.weight)
+
+
 def test_a_sharded_bf16_checkpoint_as_hub_lms_ship(tmp_path):
     """Hub LMs come in bf16 and in several safetensors shards with an index; upcycling reads them like
     transformers does: the upcycled fp32 model equals the dense one loaded from the same files."""
@@ -370,6 +401,29 @@ def test_unsupported_llama_variant_is_named(tmp_path, capsys):
 def test_options_are_validated_before_anything_is_read(tmp_path):
     with pytest.raises(UpcycleError, match="--router-init"):
         upcycle(tmp_path, tmp_path / "out", UpcycleOptions(experts=2, router_init="uniform"))
+    with pytest.raises(UpcycleError, match=r"--noise: a standard deviation >= 0, got -0.01"):
+        upcycle(tmp_path, tmp_path / "out", UpcycleOptions(experts=2, noise=-0.01))
+
+
+def test_each_norm_is_copied_from_its_own_dense_norm(tmp_path):
+    """Fresh dense models have every RMSNorm weight 1, so a norm copied from the wrong place would go
+    unseen: with random norm weights the upcycled model's text logits still equal the dense model's."""
+    dense = dense_llama(tmp_path / "plain")
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for module in dense.modules():
+            if type(module).__name__.endswith("RMSNorm"):
+                module.weight.uniform_(0.5, 1.5)
+    dense.save_pretrained(tmp_path / "dense")
+    save_tokenizer(tmp_path / "dense", LLAMA_SPECIALS)
+    upcycle(tmp_path / "dense", tmp_path / "moe", UpcycleOptions(experts=4, top_k=2, moe_layers=[0, 2]))
+    moe = MmoeForCausalLM.from_pretrained(tmp_path / "moe").eval()
+    ids = token_ids(40, seed=11)
+    with torch.no_grad():
+        expected = dense(input_ids=ids).logits
+        got = moe(input_ids=ids, use_cache=False).logits[..., :expected.shape[-1]]
+    others = [i for i in range(expected.shape[-1]) if i != moe.config.image_token_id]
+    assert (got[..., others] - expected[..., others]).abs().max() < TOL
 
 
 # -- with a vision tower -----------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ tests still pass. Nothing in the working tree is modified.
     python tools/mutation_check.py --tests-from-ref HEAD # current code, tests/ as at HEAD ("before")
     python tools/mutation_check.py --only zloss_axis,bias_other_row --jobs 2
     python tools/mutation_check.py --verify-only         # every mutation still applies (no tests run)
+    python tools/mutation_check.py --area analysis       # one area (see --list): moe, analysis, data, ...
 
 Prints a table and, last, one JSON line: {"survivors": [...], "killed": [...], ...}.
 Exit status: 0 when the check ran (whatever survived), 1 when a mutation no longer applies or a
@@ -46,6 +47,7 @@ class Mutation:
     tests: list[str]
     select: str | None = None
     why: str = ""
+    area: str = "moe"
 
 
 MUTATIONS = [
@@ -93,8 +95,8 @@ MUTATIONS = [
              "first_only = (top_k == 2)[:, None] & (k_slots[None] > 1)", ROUTING + LOSSES,
              why="top-2 balance loss counts second choices (DeepSpeed counts first only)"),
     Mutation("stats_kept_counts_valid", "mmoe_ds/moe/router.py",
-             "kept = torch.bincount(flat, weights=keep.reshape(-1).float()",
-             "kept = torch.bincount(flat, weights=valid.reshape(-1).float()", ROUTING,
+             "kept = counts.index_add(0, flat, keep.reshape(-1).float())",
+             "kept = counts.index_add(0, flat, valid.reshape(-1).float())", ROUTING,
              why="statistics count dropped routes as kept"),
     Mutation("slot_without_group_offset", "mmoe_ds/moe/router.py",
              "slot = torch.where(keep, position + offsets[group][:, None], 0)",
@@ -117,6 +119,175 @@ MUTATIONS = [
              "in_range = ((modality_ids >= 0) & (modality_ids <= M)).all()", ROUTING,
              why="an out-of-range modality id accepted"),
 ]
+
+
+# Issue 23: the rest of the package. Targets are lines of stable code (helpers other work is unlikely to
+# reword); when a target changes, --verify-only (CI: tests/test_mutation_check.py) fails naming it.
+ANALYSIS_T = ["tests/test_analysis_metrics.py", "tests/test_analysis_alarms.py", "tests/test_analysis_similarity.py"]
+EXPERIMENTS_T = ["tests/test_experiments_unit.py"]
+CORRUPTION_T = ["tests/test_data_corruption.py"]
+UPCYCLE_T = ["tests/test_upcycle.py"]
+SAFE_T = ["tests/test_safe_load.py"]
+RESTART_T = ["tests/test_metrics_restart.py"]
+EVAL_T = ["tests/test_eval.py"]
+MODES_T = ["tests/test_export_modes.py"]
+TAR_T = ["tests/test_tar_reader_names.py"]
+
+
+def _area(area: str, mutations: list[Mutation]) -> list[Mutation]:
+    return [Mutation(**{**m.__dict__, "area": area}) for m in mutations]
+
+
+MUTATIONS += _area("analysis", [
+    Mutation("miller_madow_sign", "mmoe_ds/analysis/metrics.py",
+             "mi -= (k_me - k_m - k_e + 1) / (2 * n * math.log(2))",
+             "mi += (k_me - k_m - k_e + 1) / (2 * n * math.log(2))", ANALYSIS_T, select="miller_madow",
+             why="Miller-Madow correction added instead of subtracted"),
+    Mutation("gini_without_half", "mmoe_ds/analysis/metrics.py",
+             "return float(np.abs(a[:, None] - a[None, :]).sum() / (2 * a.size * a.sum()))",
+             "return float(np.abs(a[:, None] - a[None, :]).sum() / (a.size * a.sum()))", ANALYSIS_T,
+             select="gini", why="Gini coefficient twice too large"),
+    Mutation("permutation_p_zero", "mmoe_ds/analysis/metrics.py",
+             "p_value = (1 + int((null >= observed - 1e-12).sum())) / (n_perm + 1)",
+             "p_value = int((null >= observed - 1e-12).sum()) / n_perm", ANALYSIS_T, select="permutation",
+             why="permutation p-value without the add-one (can be 0)"),
+    Mutation("total_variation_without_half", "mmoe_ds/analysis/metrics.py",
+             "return float(0.5 * np.abs(p - q).sum())", "return float(np.abs(p - q).sum())", ANALYSIS_T,
+             select="total_variation", why="TV distance in [0, 2]"),
+    Mutation("dead_expert_limit_not_per_expert", "mmoe_ds/analysis/alarms.py",
+             "limit = t.dead_fraction_of_uniform / E", "limit = t.dead_fraction_of_uniform", ANALYSIS_T,
+             select="alarm or dead or balanced", why="dead-expert alarm threshold not scaled to an even share"),
+    Mutation("monopoly_share_of_routes", "mmoe_ds/analysis/alarms.py",
+             "share = n / tokens", "share = n / routes", ANALYSIS_T, select="monopoly",
+             why="top-2 monopoly measured per route, not per token"),
+    Mutation("cka_gram_keeps_diagonal", "mmoe_ds/analysis/cka.py",
+             "return u.fill_diagonal_(0.0)", "return u", ANALYSIS_T, select="cka or hsic or gram",
+             why="debiased HSIC's Gram matrix keeps its diagonal"),
+])
+
+MUTATIONS += _area("experiments", [
+    Mutation("js_mixture_unhalved", "mmoe_ds/experiments/e5_transfer.py",
+             "m = 0.5 * (p + q)", "m = p + q", EXPERIMENTS_T, select="js", why="JS divergence against p + q"),
+    Mutation("pattern_distance_unaligned", "mmoe_ds/experiments/e2_convergence.py",
+             "0.5 * np.abs(x - align(x, y)).sum(1).mean()", "0.5 * np.abs(x - y).sum(1).mean()", EXPERIMENTS_T,
+             select="pattern_distance", why="convergence distance depends on expert labels"),
+    Mutation("image_heavy_mix_short", "mmoe_ds/experiments/e6_audit.py",
+             '"image_heavy": {"image_text": pairs, "image": batch - pairs}',
+             '"image_heavy": {"image_text": pairs, "image": batch - 2 * pairs}', EXPERIMENTS_T, select="mixes",
+             why="E6's image-heavy mix smaller than the batch"),
+    Mutation("target_rounding_not_absorbed", "mmoe_ds/experiments/e1_matched.py",
+             "p[int(np.argmax(p))] += 1.0 - p.sum()", "p[int(np.argmax(p))] += 0.0", EXPERIMENTS_T,
+             select="target", why="matched target no longer sums to 1 after rounding"),
+    Mutation("deep_merge_merges_leaves", "mmoe_ds/experiments/runner.py",
+             "if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in LEAF_KEYS:",
+             "if isinstance(value, dict) and isinstance(out.get(key), dict):", EXPERIMENTS_T, select="deep_merge",
+             why="a batch mix merged into the recipe's instead of replacing it"),
+    Mutation("one_seed_gets_an_interval", "mmoe_ds/experiments/runner.py",
+             "if len(vals) == 1 or any(np.isnan(vals)):", "if any(np.isnan(vals)):", EXPERIMENTS_T,
+             select="summarize", why="a single seed summarized with a confidence interval"),
+])
+
+MUTATIONS += _area("data", [
+    Mutation("tar_checksum_field_short", "mmoe_ds/data/tar_reader.py",
+             "if header[148:156].translate(None, CHECKSUM_CHARS):", "if header[148:155].translate(None, CHECKSUM_CHARS):",
+             CORRUPTION_T, select="archive_damage", why="damage to the checksum field's last byte not seen"),
+    Mutation("tar_end_marker_one_block", "mmoe_ds/data/tar_reader.py",
+             "if tail < 2 * BLOCK:", "if tail < BLOCK:", CORRUPTION_T, select="archive_damage",
+             why="an archive cut inside its end-of-archive marker accepted"),
+    Mutation("tar_junk_after_end_ignored", "mmoe_ds/data/tar_reader.py",
+             "if chunk.count(0) != len(chunk):", "if chunk.count(0) == 0:", CORRUPTION_T, select="archive_damage",
+             why="junk after the end-of-archive marker not counted"),
+    Mutation("tar_pax_path_ignored", "mmoe_ds/data/tar_reader.py",
+             'name = long_name or pax.get("path") or _name(header)', "name = long_name or _name(header)",
+             TAR_T, why="pax long names dropped (keys cut at 100 bytes)"),
+    Mutation("tar_member_cap_keeps_nothing", "mmoe_ds/data/tar_reader.py",
+             "keep = min(max(keep_bytes(name) if keep_bytes else 0, 0), size)", "keep = 0", CORRUPTION_T,
+             select="member_cap", why="an over-long caption member skipped instead of cut"),
+    Mutation("skip_warned_every_sighting", "mmoe_ds/data/skips.py",
+             "level = logging.DEBUG if ident in seen else logging.WARNING", "level = logging.WARNING", CORRUPTION_T,
+             select="logged_with_shard_and_key_once", why="a skip met again is warned about again"),
+    Mutation("skip_merge_overwrites", "mmoe_ds/data/skips.py",
+             "self._seen.setdefault(reason, set()).update(ids)", "self._seen[reason] = set(ids)", TAR_T,
+             why="merging ranks' skip logs keeps one rank's per reason"),
+])
+
+MUTATIONS += _area("upcycle/init_from", [
+    Mutation("upcycle_noise_same_draw", "mmoe_ds/upcycle.py",
+             "w = w + torch.randn(w.shape, generator=g, dtype=torch.float32)",
+             "w = w + torch.randn(w.shape, generator=torch.Generator().manual_seed(options.seed), dtype=torch.float32)",
+             UPCYCLE_T, select="noise_magnitude", why="every expert (and weight) gets the same noise draw"),
+    Mutation("upcycle_negative_noise_accepted", "mmoe_ds/upcycle.py",
+             "if options.noise < 0:", "if options.noise < -1:", UPCYCLE_T, select="validated",
+             why="a negative --noise accepted"),
+    Mutation("upcycle_ffn_norm_from_attention", "mmoe_ds/upcycle.py",
+             'out[dst + "ffn_norm.weight"] = lm_state[src + "post_attention_layernorm.weight"]',
+             'out[dst + "ffn_norm.weight"] = lm_state[src + "input_layernorm.weight"]', UPCYCLE_T,
+             select="own_dense_norm", why="the FFN norm copied from the attention norm"),
+    Mutation("upcycle_qkv_order", "mmoe_ds/upcycle.py",
+             'torch.cat([lm_state[attn + f"{p}_proj.weight"] for p in "qkv"])',
+             'torch.cat([lm_state[attn + f"{p}_proj.weight"] for p in "kqv"])', UPCYCLE_T, select="logits_equal",
+             why="q and k swapped in the fused projection"),
+    Mutation("upcycle_dense_layers_get_experts", "mmoe_ds/upcycle.py",
+             "        if not config.is_moe_layer(i):\n", "        if config.is_moe_layer(i) and False:\n", UPCYCLE_T,
+             select="noise_magnitude or layout", why="dense layers written as MoE layers"),
+])
+
+MUTATIONS += _area("safe_load/atomic/export", [
+    Mutation("safe_load_extra_globals_dropped", "mmoe_ds/safe_load.py",
+             "with torch.serialization.safe_globals(list(allowed)):", "with torch.serialization.safe_globals([]):",
+             SAFE_T, select="rank_state_round_trips or fp16", why="the per-file allow-list never reaches torch"),
+    Mutation("numpy1_name_dropped", "mmoe_ds/safe_load.py",
+             '(_numpy_reconstruct(), "numpy.core.multiarray._reconstruct")', "_numpy_reconstruct()", SAFE_T,
+             select="rank_state_round_trips", why="rank states written under numpy 1 refused"),
+    Mutation("stack_global_module_lost", "mmoe_ds/safe_load.py",
+             'found.append(f"{strings[-2]}.{strings[-1]}")', "found.append(strings[-1])", SAFE_T,
+             select="names_what_a_pickle", why="a refusal names `system`, not `posix.system`"),
+    Mutation("refusal_names_nothing_for_zips", "mmoe_ds/safe_load.py",
+             'names = [n for n in z.namelist() if n.endswith("data.pkl")]', "names = []", SAFE_T,
+             select="export_refuses_a_tampered", why="a tampered torch.save file's global not named"),
+    Mutation("export_reads_experts_unchecked", "mmoe_ds/export/gather.py",
+             "state.update(safe_torch_load(expert_file))",
+             "state.update(torch.load(expert_file, weights_only=False))", SAFE_T,
+             select="export_refuses_every_gadget", why="export runs code from an expert file"),
+    Mutation("resume_engine_unwrapped", "mmoe_ds/checkpoint.py",
+             "engine.checkpoint_engine = SafeLoadCheckpointEngine(inner, deepspeed_globals())",
+             "engine.checkpoint_engine = inner", SAFE_T, select="resume_refuses_every_gadget",
+             why="resume reads DeepSpeed's files with DeepSpeed's own (unrestricted) loader"),
+    Mutation("atomic_overwrite_resets_mode", "mmoe_ds/atomic.py",
+             "final_mode = stat.S_IMODE(path.stat().st_mode)", "final_mode = default_file_mode()", MODES_T,
+             select="atomic_writes or checkpoint_files", why="an atomic overwrite loses the file's mode"),
+    Mutation("atomic_failure_leaves_temp", "mmoe_ds/atomic.py",
+             "            os.unlink(tmp)\n", "            pass\n", MODES_T, select="failed_atomic",
+             why="a failed atomic write leaves its temp file behind"),
+])
+
+MUTATIONS += _area("checkpoint/train/evaluate", [
+    Mutation("metrics_drop_checkpoint_step", "mmoe_ds/metrics.py",
+             'if record.get("step", 0) <= step:', 'if record.get("step", 0) < step:', RESTART_T,
+             why="a restart forgets the checkpoint's own step (logged once, never again)"),
+    Mutation("tensorboard_purge_at_checkpoint_step", "mmoe_ds/metrics.py",
+             "self.mark_tensorboard_restart(step + 1)", "self.mark_tensorboard_restart(step)", RESTART_T,
+             why="TensorBoard hides the checkpoint step's own events after a restart"),
+    Mutation("listed_files_unchecked", "mmoe_ds/checkpoint.py",
+             "for name in expected + sorted(set(listed) - set(expected)):", "for name in expected:", SAFE_T,
+             select="incomplete", why="a cut optimizer shard in the latest tag goes unnoticed"),
+    Mutation("short_files_pass_the_size_check", "mmoe_ds/checkpoint.py",
+             "if name in listed and path.stat().st_size != listed[name]:",
+             "if name in listed and path.stat().st_size > listed[name]:", SAFE_T, select="incomplete",
+             why="a truncated checkpoint file accepted"),
+    Mutation("ties_count_for_the_truth", "mmoe_ds/evaluate.py",
+             "return (scores >= true).sum(1)", "return (scores > true).sum(1) + 1", EVAL_T, select="ranks or recall",
+             why="retrieval ties resolved in the true caption's favour"),
+    Mutation("eval_loss_sum_unweighted", "mmoe_ds/evaluate.py",
+             "total += out.text_loss.item() * n", "total += out.text_loss.item()", EVAL_T, select="position_0",
+             why="eval loss summed per batch, not per token"),
+    Mutation("metrics_kept_lines_joined", "mmoe_ds/metrics.py",
+             'atomic_write_text(self.path, "".join(line + "\\n" for line in kept))',
+             'atomic_write_text(self.path, "".join(kept))', RESTART_T,
+             why="a restart writes the kept metrics records without their newlines"),
+    Mutation("rank_slices_overlap", "mmoe_ds/evaluate.py",
+             "lo = rank * n", "lo = rank", EVAL_T, select="rank_shares", why="ranks score overlapping queries"),
+])
 
 
 @dataclass
@@ -220,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tests-from-ref", metavar="REF", help="take tests/ from this git ref (e.g. HEAD) instead of "
                         "the working tree: measures the old suite against the same mutations")
     parser.add_argument("--only", help="comma-separated mutation names")
+    parser.add_argument("--area", help="comma-separated areas (moe, analysis, experiments, data, upcycle/init_from, "
+                        "safe_load/atomic/export, checkpoint/train/evaluate)")
     parser.add_argument("--jobs", type=int, default=1, help="mutations run in parallel, one tree copy each")
     parser.add_argument("--timeout", type=int, default=600, help="seconds per test run")
     parser.add_argument("--list", action="store_true", help="list the mutations and exit")
@@ -234,9 +407,15 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             parser.error(f"--only: unknown mutations {unknown}; see --list")
         mutations = [m for m in MUTATIONS if m.name in wanted]
+    if args.area:
+        areas = args.area.split(",")
+        unknown = sorted(set(areas) - {m.area for m in MUTATIONS})
+        if unknown:
+            parser.error(f"--area: unknown areas {unknown}; see --list")
+        mutations = [m for m in mutations if m.area in areas]
     if args.list:
         for m in mutations:
-            print(f"{m.name:36s} {m.path}: {m.why}")
+            print(f"{m.name:36s} {m.area:26s} {m.path}: {m.why}")
         return 0
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
@@ -246,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
         print("mutations that no longer apply (update tools/mutation_check.py):\n  " + "\n  ".join(not_applying))
         return 1
     if args.verify_only:
-        print(f"all {len(mutations)} mutations apply")
+        per_area = {a: sum(m.area == a for m in mutations) for a in dict.fromkeys(m.area for m in mutations)}
+        print(f"all {len(mutations)} mutations apply ({', '.join(f'{a}: {n}' for a, n in per_area.items())})")
         return 0
 
     with tempfile.TemporaryDirectory(prefix="mutation_check_") as tmp:
@@ -273,9 +453,9 @@ def main(argv: list[str] | None = None) -> int:
 
     label = f"tests from {args.tests_from_ref}" if args.tests_from_ref else "working-tree tests"
     print(f"\nmutation check ({label}), {len(outcomes)} mutations, {total:.0f} s")
-    print(f"{'mutation':36s} {'status':9s} {'s':>5s}  tests")
+    print(f"{'mutation':36s} {'area':26s} {'status':9s} {'s':>5s}  tests")
     for o in outcomes:
-        print(f"{o.mutation.name:36s} {o.status:9s} {o.seconds:5.0f}  {' '.join(o.tests) or '-'}"
+        print(f"{o.mutation.name:36s} {o.mutation.area:26s} {o.status:9s} {o.seconds:5.0f}  {' '.join(o.tests) or '-'}"
               f"{'  -k ' + o.mutation.select if o.mutation.select else ''}  | {o.detail}")
     survivors = [o.mutation.name for o in outcomes if o.status in ("survived", "no tests")]
     print(json.dumps({"tests": label, "mutations": len(outcomes), "survivors": survivors,

@@ -11,17 +11,21 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import latest_tag
+from ..checkpoint import latest_tag, verify_tag
 from ..model import MmoeConfig, MmoeForCausalLM
 from ..safe_load import safe_torch_load
 
 
 def resolve_tag_dir(ckpt: Path) -> Path:
-    """Accepts a run's output dir, its checkpoints dir, or one tag dir."""
+    """Accepts a run's output dir, its checkpoints dir, or one tag dir.
+
+    Raises: IncompleteCheckpointError (a ValueError) when the tag given, or named by `latest`, lacks a
+    model or expert file or has one cut short; FileNotFoundError when there is no checkpoint at all."""
     for candidate in (ckpt, ckpt / "checkpoints"):
         if (candidate / "meta.json").exists():
+            verify_tag(candidate, model_only=True)
             return candidate
-        tag = latest_tag(candidate) if candidate.is_dir() else None
+        tag = latest_tag(candidate, model_only=True) if candidate.is_dir() else None
         if tag:
             return candidate / tag
     raise FileNotFoundError(f"{ckpt}: no complete mmoe-ds checkpoint (meta.json or checkpoints/latest) found.")
