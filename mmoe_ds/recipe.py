@@ -31,7 +31,7 @@ class DataSection:
     ranking_images: int = 200  # labelled test images for zero-shot class ranking (all ranks; embedded sources)
     retrieval_candidates: int = 50  # distinct test captions per image->text retrieval (0: off)
     eval_metrics: Any = "auto"  # "auto" (what the data serves) or a list from EVAL_METRICS the data must serve
-    prepare_if_missing: bool = True
+    prepare_if_missing: bool = True  # build the embedded dataset when data.dir is the default and missing
     # Loader caps, passed through to LoaderConfig (when the loader has them).
     max_caption_bytes: int = 65536
     max_image_pixels: int = 16_777_216
@@ -53,6 +53,24 @@ class TrainSection:
     init_from: str | None = None
     freeze: list[str] = field(default_factory=list)  # fnmatch patterns of parameters that do not train
     reinit: list[str] = field(default_factory=list)  # fnmatch patterns of init_from parameters started fresh
+    # Optimizer parameter groups: [{"params": [fnmatch patterns], "lr_multiplier": x}] trains the matching
+    # parameters at x times the DeepSpeed config's learning rate (the schedule scales every group alike).
+    param_groups: list[dict] = field(default_factory=list)
+
+
+def check_param_groups(groups, path) -> None:
+    """train.param_groups: a list of {"params": [non-empty patterns], "lr_multiplier": number > 0}."""
+    example = '[{"params": ["*.deepspeed_moe.gate.*"], "lr_multiplier": 10}]'
+    if not isinstance(groups, list):
+        raise ConfigError(f"{path}: train.param_groups must be a list such as {example} (got {groups!r}).")
+    for i, g in enumerate(groups):
+        ok = (isinstance(g, dict) and set(g) == {"params", "lr_multiplier"} and isinstance(g["params"], list)
+              and g["params"] and all(isinstance(x, str) and x for x in g["params"])
+              and isinstance(g["lr_multiplier"], (int, float)) and not isinstance(g["lr_multiplier"], bool)
+              and g["lr_multiplier"] > 0)
+        if not ok:
+            raise ConfigError(f"{path}: train.param_groups[{i}] must be {{\"params\": [patterns], \"lr_multiplier\": "
+                              f"number > 0}}, e.g. {example} (got {g!r}).")
 
 
 @dataclass
@@ -106,6 +124,7 @@ class Recipe:
             if not isinstance(patterns, list) or not all(isinstance(x, str) and x for x in patterns):
                 raise ConfigError(f"{p}: train.{name} must be a list of parameter-name patterns such as "
                                   f"[\"*.deepspeed_moe.gate.*\"] (got {patterns!r}).")
+        check_param_groups(t.param_groups, p)
         if t.reinit and not t.init_from:
             raise ConfigError(f"{p}: train.reinit re-initialises weights loaded by train.init_from, which is not set "
                               f"(every parameter starts fresh already); set train.init_from or remove train.reinit.")

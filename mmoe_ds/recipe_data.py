@@ -24,12 +24,35 @@ CLASS_RANK_SOURCES = ("fashion_mnist", "digits", "covariance")  # labelled sourc
 
 
 # -- the prepared dataset -------------------------------------------------------------------------
+EMBEDDED_DIR = DataSection.dir  # the embedded default dataset: the only one a run may build itself
+
+
+def builds_embedded(data: DataSection) -> bool:
+    """Whether a missing `data.dir` is built by the run: only the embedded default dataset, and only
+    with `data.prepare_if_missing`. Any other missing folder is an error, never other data: a
+    misspelled path must not train on the embedded dataset instead."""
+    return data.prepare_if_missing and Path(data.dir).resolve() == Path(EMBEDDED_DIR).resolve()
+
+
+def missing_dataset(data: DataSection) -> str:
+    """The one-line problem for a `data.dir` without a prepared dataset."""
+    if Path(data.dir).is_dir():
+        what = "has no manifest.json (not a prepared dataset)"
+    else:
+        parent = Path(data.dir).parent
+        what = "does not exist" + ("" if parent.is_dir() else f" (nor does {parent})")
+    fix = (f"prepare it (`mmoe-ds prepare --out {data.dir}`, `mmoe-ds index ... --out {data.dir}`) or fix the path"
+           + ("" if not data.prepare_if_missing else
+              f"; data.prepare_if_missing builds only the embedded dataset at {EMBEDDED_DIR}"))
+    return f"data.dir={data.dir} {what}; {fix}"
+
+
 def ensure_dataset(data: DataSection) -> None:
     """Build the embedded dataset at `data.dir` if it is missing and the recipe allows it."""
     if (Path(data.dir) / "manifest.json").exists():
         return
-    if not data.prepare_if_missing:
-        raise FileNotFoundError(f"{data.dir}: no prepared dataset; run `mmoe-ds prepare --out {data.dir}`.")
+    if not builds_embedded(data):
+        raise ConfigError(missing_dataset(data))
     from .data.prepare import main as prepare
 
     prepare(["--source", "embedded", "--out", data.dir, "--max-length", str(data.max_length)])
@@ -155,11 +178,10 @@ def check_data(data: DataSection, world_size: int) -> DataCheck:
     """
     where = data.dir
     if not (Path(where) / "manifest.json").exists():
-        if data.prepare_if_missing:
+        if builds_embedded(data):
             return DataCheck([], None, f"data: {where} is not prepared yet; the run builds the embedded dataset there "
                                        f"first (data.prepare_if_missing), which serves every kind and metric")
-        return DataCheck([f"{where}: no prepared dataset (manifest.json); run `mmoe-ds prepare --out {where}` or set "
-                          f"data.dir to a prepared dataset"], None, "")
+        return DataCheck([missing_dataset(data)], None, "")
     try:
         manifest = read_manifest(where)
         counts = sample_counts(manifest)
@@ -189,7 +211,9 @@ def check_data(data: DataSection, world_size: int) -> DataCheck:
     elif not plan.metrics:
         reasons = "; ".join(f"{m}: {r}" for m, r in plan.left_out.items())
         problems.append(f"{where}: evaluation has nothing to measure ({reasons}); prepare the dataset with validation "
-                        f"and test splits (mmoe-ds prepare puts ~10% of the samples in each)")
+                        f"and test splits (`mmoe-ds prepare --validation-fraction 0.1 --test-fraction 0.1`, the "
+                        f"default for inputs without them; `mmoe-ds index --validation PATTERN --test PATTERN`, or "
+                        f"--shards PATTERN with --validation-fraction/--test-fraction)")
     have = ", ".join(f"{k}={counts[('train', k)]}" for k in SAMPLE_KINDS if counts[("train", k)])
     left = ", ".join(f"{m} ({r})" for m, r in plan.left_out.items())
     measured = [f"retrieval (among up to {data.retrieval_candidates} test captions)" if m == "retrieval" else m
@@ -203,8 +227,10 @@ def check_data(data: DataSection, world_size: int) -> DataCheck:
 # -- loaders --------------------------------------------------------------------------------------
 def load_processor(data: DataSection, directory: str | Path | None = None) -> MmoeProcessor:
     """The processor a run encodes with: the one saved in `directory` (a `train.init_from` folder that
-    has one), else the prepared dataset's; `data.max_length` applies either way."""
+    has one), else the prepared dataset's; `data.max_length` and `data.max_caption_bytes` (the text
+    bound, the loader's) apply either way."""
     processor = MmoeProcessor.from_pretrained(Path(directory) if directory is not None else Path(data.dir) / "processor")
+    processor.max_text_bytes = data.max_caption_bytes
     try:
         processor.max_length = data.max_length
     except ValueError as e:  # too short for the image tokens

@@ -89,3 +89,24 @@ def http_server(folder: Path):
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+def write_img2dataset_output(folder: Path, shards: int, samples: int, seed: int = 0) -> list[str]:
+    """img2dataset's `--output_format webdataset` folder: per shard `NNNNN.tar` plus the `NNNNN.parquet`
+    (url, caption, key, status, ...) and `NNNNN_stats.json` it writes beside each tar. Returns the tar names."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for shard in range(shards):
+        keys = write_img2dataset_shard(folder / f"{shard:05d}.tar", shard, samples, seed)
+        pq.write_table(pa.table({"url": [f"https://example.com/{k}.jpg" for k in keys],
+                                 "caption": [caption(shard, row) for row in range(samples)], "key": keys,
+                                 "status": ["success"] * samples}), folder / f"{shard:05d}.parquet")
+        (folder / f"{shard:05d}_stats.json").write_text(json.dumps({"count": samples, "successes": samples,
+                                                                     "failed_to_download": 0}))
+        names.append(f"{shard:05d}.tar")
+    return names

@@ -213,7 +213,10 @@ def test_prepare_from_a_local_hf_dataset_keeps_its_splits(tmp_path):
     assert not out.exists()
     assert prepare_mod.main(args + ["--text-column", "caption"]) == 0
     m = manifest(out)
-    assert m["counts"]["train"]["image_text"] == 22 and m["counts"]["test"]["image_text"] == 6
+    # its test split is kept; the validation split it lacks is hashed out of its train rows (and said)
+    assert m["counts"]["test"]["image_text"] == 6 and m["counts"]["validation"]["image_text"] > 0
+    assert m["counts"]["train"]["image_text"] + m["counts"]["validation"]["image_text"] == 22
+    assert "no validation split" in m["build"]["splits"] and "--validation-fraction" in m["build"]["splits"]
     assert m["report"]["skipped"] == {"empty_caption": 1, "no_image": 1}
 
 

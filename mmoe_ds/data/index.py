@@ -3,9 +3,12 @@
 Takes shards in any layout the reader understands (img2dataset's `KEY.jpg|png|webp` + `KEY.txt` +
 `KEY.json` without a modality field, or what `prepare` writes), as local paths, glob or brace
 patterns (`shard-{000000..000099}.tar`), `pipe:` commands or fsspec URLs (`https://`, `s3://`...).
-Every shard is read once: samples are counted per kind (the `.json` modality when there is one,
-else inferred from the members: image+text, image-only or text-only), the first captions feed the
-tokenizer, and sha256 sums are taken on request.
+A glob's matches that are not tar files (img2dataset's `.parquet` and `_stats.json`) are ignored
+and counted; a missing or unreadable shard is an error (exit 2) unless --allow-missing, which
+leaves it out of the manifest and lists it. Every shard is read once: samples are counted per
+kind (the `.json` modality when there is one, else inferred from the members: image+text,
+image-only or text-only), the first captions feed the tokenizer, and sha256 sums are taken on
+request.
 
 Output (OUT is created if needed; the shards stay where they are):
   OUT/manifest.json   shards {location: {split, source, kind, kinds, samples, sha256?}}, counts
@@ -60,9 +63,28 @@ def is_remote(location: str) -> bool:
     return location.startswith("pipe:") or "://" in location
 
 
-def expand(pattern: str) -> list[str]:
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+
+
+def is_tar_name(name: str) -> bool:
+    return name.lower().endswith(TAR_SUFFIXES)
+
+
+@dataclass
+class Expansion:
+    """What the patterns name: shard locations, plus what a glob matched that is not a shard
+    (img2dataset's `.parquet` / `_stats.json` beside its tars: ignored and counted) and named
+    local files that do not exist."""
+    locations: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+
+def expand(pattern: str, found: Expansion | None = None) -> list[str]:
     """Shard locations of a pattern: brace expansion, then (local paths) glob; sorted, distinct.
-    Local paths become absolute; a local pattern matching nothing is an error."""
+    Local paths become absolute. A glob's matches that are not tar files are ignored (recorded in
+    `found.ignored`); a named file that does not exist, or a local pattern matching nothing, is an
+    error, or recorded in `found.missing` when `found` is given (--allow-missing)."""
     from braceexpand import braceexpand
 
     out: list[str] = []
@@ -70,12 +92,18 @@ def expand(pattern: str) -> list[str]:
         if is_remote(item):
             out.append(item)
             continue
-        matches = sorted(glob.glob(os.path.expanduser(item))) if glob.has_magic(item) else [os.path.expanduser(item)]
+        magic = glob.has_magic(item)
+        matches = sorted(glob.glob(os.path.expanduser(item))) if magic else [os.path.expanduser(item)]
+        if magic and found is not None:
+            found.ignored.extend(os.path.abspath(m) for m in matches if os.path.isfile(m) and not is_tar_name(m))
+            matches = [m for m in matches if not os.path.isfile(m) or is_tar_name(m)]
         missing = [m for m in matches if not os.path.isfile(m)]
         if not matches or missing:
-            raise ValueError(f"no shard file {missing[0] if missing else item!r} (from pattern {pattern!r}); check the "
-                             "path, or quote the pattern so the shell does not expand it.")
-        out.extend(os.path.abspath(m) for m in matches)
+            if found is None:
+                raise ValueError(f"no shard file {missing[0] if missing else item!r} (from pattern {pattern!r}); "
+                                 "check the path, or quote the pattern so the shell does not expand it.")
+            found.missing.extend(os.path.abspath(m) for m in missing or [item])
+        out.extend(os.path.abspath(m) for m in matches if os.path.isfile(m))
     return sorted(set(out), key=out.index)
 
 
@@ -165,6 +193,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-caption-bytes", type=int, default=65536,
                         help="captions read for the tokenizer are cut here")
     parser.add_argument("--workers", type=int, default=4, help="shards read at once (threads; helps remote data)")
+    parser.add_argument("--allow-missing", action="store_true",
+                        help="index the shards that are there: missing or unreadable shards (a 404, a failing pipe) "
+                             "are left out of the manifest and listed, instead of an error (exit 2)")
     args = parser.parse_args(argv)
     if not any(getattr(args, s) for s in SPLITS) and not args.shards:
         parser.error("give shards: --train PATTERN (and --validation/--test), or --shards PATTERN")
@@ -176,13 +207,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def plan(args: argparse.Namespace) -> dict[str, tuple[str, str]]:
-    """location -> (split, source) for every shard named on the command line."""
+def plan(args: argparse.Namespace, found: Expansion | None = None) -> dict[str, tuple[str, str]]:
+    """location -> (split, source) for every shard named on the command line; non-tar files a glob
+    matched, and (with --allow-missing) missing files, go into `found`."""
     planned: dict[str, tuple[str, str]] = {}
+    found = found if found is not None else Expansion()
     named = [(split, p) for split in SPLITS for p in getattr(args, split)] + [(None, p) for p in args.shards]
     for split, pattern in named:
         source = args.source or source_name(pattern)
-        for location in expand(pattern):
+        missing_before = len(found.missing)
+        locations = expand(pattern, found)
+        if len(found.missing) > missing_before and not args.allow_missing:
+            raise ValueError(f"no shard file {found.missing[missing_before]!r} (from pattern {pattern!r}); check the "
+                             "path, or quote the pattern so the shell does not expand it (--allow-missing indexes "
+                             "the shards that are there).")
+        for location in locations:
             target = split or hash_split(location, args.validation_fraction, args.test_fraction)
             if location in planned and planned[location][0] != target:
                 raise ValueError(f"shard {location} is listed for both {planned[location][0]} and {target}; give each "
@@ -258,7 +297,8 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     try:
-        planned = plan(args)
+        found = Expansion()
+        planned = plan(args, found)
         locations = list(planned)
 
         def scan(location: str) -> ShardScan:
@@ -266,14 +306,25 @@ def main(argv: list[str]) -> int:
             sha = args.sha256 == "on" or (args.sha256 == "auto" and not is_remote(location))
             return scan_shard(location, wants, args.max_caption_bytes, sha)
 
+        if not locations:
+            raise ValueError(f"no shard found ({len(found.ignored)} non-tar files ignored, {len(found.missing)} "
+                             "missing); check the patterns.")
         with ThreadPoolExecutor(max_workers=min(args.workers, len(locations))) as pool:
             scans = list(pool.map(scan, locations))
+        unreadable = [s for s in scans if s.damage.get("unreadable_shard")]
+        if unreadable and not args.allow_missing:
+            raise ValueError(f"{len(unreadable)} shard(s) cannot be read, first {unreadable[0].location} (missing, a "
+                             "404, a failing pipe: see above); fix the location, or pass --allow-missing to index the "
+                             "others.")
+        found.missing.extend(s.location for s in unreadable)
+        scans = [s for s in scans if not s.damage.get("unreadable_shard")]
         if not any(s.samples for s in scans if planned[s.location][0] == "train"):
             raise ValueError("the train shards hold no readable sample; check the patterns (and the damage report "
                              "on stderr).")
         captions = [c for s in scans for c in s.captions][:args.tokenizer_captions]
         processor, tokenizer_note = make_processor(args, captions)
         manifest = build_manifest(args, planned, scans, out, processor, tokenizer_note)
+        manifest["build"].update(ignored_files=len(found.ignored), missing_shards=found.missing)
         write_atomically(out, processor, manifest)
     except (ValueError, OSError) as e:  # bad input or options: a message, not a traceback
         print(f"mmoe-ds index: {e}", file=sys.stderr)
@@ -282,8 +333,19 @@ def main(argv: list[str]) -> int:
         if s.damage or s.unclassified:
             print(f"mmoe-ds index: shard {s.location}: {s.samples} samples indexed; damage {dict(s.damage)}, "
                   f"{s.unclassified} samples of unknown kind left out", file=sys.stderr)
+    if found.ignored:
+        print(f"mmoe-ds index: {len(found.ignored)} files that are not tar shards ignored (e.g. "
+              f"{', '.join(Path(f).name for f in found.ignored[:3])})", file=sys.stderr)
+    if found.missing:
+        print(f"mmoe-ds index: {len(found.missing)} missing or unreadable shards left out (--allow-missing): "
+              f"{', '.join(found.missing[:3])}{', ...' if len(found.missing) > 3 else ''}", file=sys.stderr)
+    if not any(any(counts.values()) for split, counts in manifest["counts"].items() if split != "train"):
+        print("mmoe-ds index: note: only a train split; evaluation has nothing held out. Name held-out shards with "
+              "--validation/--test PATTERN, or pass --shards PATTERN with --validation-fraction/--test-fraction "
+              "(a stable hash of the shard names).", file=sys.stderr)
     print(json.dumps({"out": str(out), "shards": len(scans), "counts": manifest["counts"],
-                      "damaged_shards": sum(1 for s in scans if s.damage)}))
+                      "damaged_shards": sum(1 for s in scans if s.damage), "ignored_files": len(found.ignored),
+                      "missing_shards": len(found.missing)}))
     return 0
 
 

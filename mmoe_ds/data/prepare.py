@@ -1,24 +1,33 @@
 """`mmoe-ds prepare`: write WebDataset shards, a trained tokenizer and the processor.
 
 Output (built in a temp dir beside OUT, then renamed into place: an error leaves nothing half-written):
-  OUT/{train,validation,test}/<source>-<kind>-NNNNNN.tar   one kind per shard
+  OUT/{train,validation,test}/<n>-<kind>-<source>-NNNNNN.tar   one kind per shard; image+text shards
+                      first (n: the kind's number), so HF's webdataset builder sees every column
   OUT/processor/      byte-level BPE tokenizer (trained on the train split) + processor_config.json
   OUT/manifest.json   shards (split, source, kind, samples, sha256), counts, class names, build facts,
                       and the counts of the prepare report (`report`: skipped and changed, per reason)
   OUT/skipped.jsonl   every file or row left out: {"item", "reason", "detail"} per line
   OUT/notes.jsonl     every file or row changed but kept (mode converted, caption cut or re-decoded)
 A summary of the report is printed. Every error is one line naming the problem and the fix.
+Samples are written as they are read (spooled to disk, then shuffled into shards): memory does not
+grow with the images. Inputs without held-out splits get them by a stable hash of each sample's
+key (--validation-fraction / --test-fraction), with a note.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import json
+import os
+import shutil
+import struct
 import sys
 import textwrap
 import zlib
-from collections import Counter, defaultdict
+from array import array
+from collections import Counter
 from pathlib import Path
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -27,6 +36,7 @@ from .captions import CLASS_NAMES, TEMPLATES
 from .schema import SAMPLE_KINDS, SPLITS
 from .shards import ShardWriter, png_bytes
 from .sources import Limits, PrepareReport, Record, SourceError
+from .sources.base import CAPTION_SELECT, DEFAULT_FRACTIONS, display_name
 from .sources.bundled import EMOJI_DEFAULT_SIZE, EXTRAS
 from .sources.registry import SOURCES, make_source
 from .tokenizer import train_tokenizer
@@ -44,7 +54,8 @@ def content_key(record: Record) -> str:
 
 def drop_cross_split_duplicates(records: list[Record],
                                report: PrepareReport | None = None) -> tuple[list[Record], Counter]:
-    """Keep each content in one split only (test first, then validation), so no split leaks into
+    """The rule `_Spooler.kept` applies while streaming, on a list (its reference in the tests):
+    each content stays in one split only (test first, then validation), so no split leaks into
     another; duplicates within a split (one image, several captions) are kept. Each dropped
     record is named in `report` (reason `cross_split_duplicate`)."""
     owner: dict[str, Record] = {}
@@ -62,12 +73,22 @@ def drop_cross_split_duplicates(records: list[Record],
     return kept, dropped
 
 
+def _digest64(text: str) -> int:
+    return int.from_bytes(hashlib.sha1(text.encode("utf-8", "surrogateescape")).digest()[:8], "big")
+
+
 def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _sample_files(r: Record) -> dict[str, bytes]:
-    meta = {"modality": r.kind, "source": r.source, "label": r.label, "license": r.license}
+    """The members of one sample. The `.json` keeps where it came from (`origin`: the input file or row)."""
+    meta = {"modality": r.kind, "source": r.source, "label": r.label, "license": r.license,
+            "origin": display_name(r.item)}
     files = {"json": json.dumps(meta, sort_keys=True).encode()}
     if r.image is not None:
         files["png"] = png_bytes(r.image)
@@ -76,36 +97,146 @@ def _sample_files(r: Record) -> dict[str, bytes]:
     return files
 
 
-def _write_shards(records: list[Record], root: Path, samples_per_shard: int, seed: int) -> dict[str, dict]:
-    """One shard series per (split, source, kind), samples in a seeded order. Returns shard infos."""
-    groups: dict[tuple[str, str, str], list[Record]] = defaultdict(list)
-    for r in records:
-        groups[(r.split, r.source, r.kind)].append(r)
-    shards = {}
-    for (split, source, kind), items in sorted(groups.items()):
-        order = np.random.default_rng([seed, zlib.crc32(f"{split}/{source}/{kind}".encode())]).permutation(len(items))
-        (root / split).mkdir(parents=True, exist_ok=True)
-        writer = ShardWriter(str(root / split / f"{source}-{kind}-%06d.tar"), samples_per_shard)
-        for i in order:
-            writer.write(items[i].key, _sample_files(items[i]))
-        writer.close()
-        for path, count in zip(writer.paths, writer.counts):
-            rel = Path(path).relative_to(root).as_posix()
-            shards[rel] = {"split": split, "source": source, "kind": kind, "samples": count,
-                           "sha256": sha256(Path(path))}
-    return shards
+class _Spool:
+    """The encoded samples of one shard series, on disk in arrival order (a sample is read back by
+    its index), so that `prepare` holds no sample in memory: only a few integers per sample."""
+
+    def __init__(self, path: Path):
+        self.file = open(path, "w+b")
+        self.offsets: array = array("q")
+
+    def add(self, key: str, files: dict[str, bytes]) -> None:
+        self.file.seek(0, os.SEEK_END)
+        self.offsets.append(self.file.tell())
+        parts = [key.encode()] + [x for ext, data in sorted(files.items()) for x in (ext.encode(), data)]
+        self.file.write(struct.pack("<I", len(parts)) + b"".join(struct.pack("<Q", len(x)) + x for x in parts))
+
+    def get(self, i: int) -> tuple[str, dict[str, bytes]]:
+        self.file.seek(self.offsets[i])
+        parts = []
+        for _ in range(struct.unpack("<I", self.file.read(4))[0]):
+            parts.append(self.file.read(struct.unpack("<Q", self.file.read(8))[0]))
+        return parts[0].decode(), {parts[j].decode(): parts[j + 1] for j in range(1, len(parts), 2)}
+
+    def __len__(self) -> int:
+        return len(self.offsets)
 
 
-def write_dataset(records: list[Record], out: Path, samples_per_shard: int = 500, seed: int = 0,
+class _Spooler:
+    """Takes records as a source yields them: each is encoded at once into its series' spool, and
+    only (content digest, split, series, index) is kept for the cross-split check and the shuffle."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.series, self.numbers = folder, {}, {}
+        folder.mkdir()
+        self.content, self.priority = array("Q"), array("b")  # per sample, in arrival order
+        self.where: array = array("q")  # series number * 2**32 + index in the series
+        self.keys: array = array("Q")  # digest of (source, key): duplicates are a bug of the source
+        self.train_texts: list[str] = []  # what the tokenizer trains on (text only, no pixels)
+
+    def add(self, r: Record) -> None:
+        name = (r.split, r.source, r.kind)
+        if name not in self.series:
+            self.numbers[name] = len(self.series)
+            self.series[name] = _Spool(self.folder / f"{len(self.series)}.bin")
+        spool = self.series[name]
+        self.content.append(_digest64(content_key(r)))
+        self.priority.append(SPLIT_PRIORITY[r.split])
+        self.where.append(self.numbers[name] * 2 ** 32 + len(spool))
+        self.keys.append(_digest64(f"{r.source}/{r.key}"))
+        spool.add(r.key, _sample_files(r))
+        if r.split == "train" and r.text:
+            self.train_texts.append(r.text)
+
+    def check_keys(self) -> None:
+        keys = np.frombuffer(self.keys, dtype=np.uint64)
+        unique, counts = np.unique(keys, return_counts=True)
+        if (counts > 1).any():
+            raise ValueError(f"duplicate sample keys: {int((counts > 1).sum())} keys are used twice (a source bug)")
+
+    def kept(self, report: PrepareReport) -> tuple[np.ndarray, Counter]:
+        """A keep flag per sample: each content stays in one split only (test first, then
+        validation), duplicates within a split are kept; every dropped sample is reported."""
+        content = np.frombuffer(self.content, dtype=np.uint64)
+        priority = np.frombuffer(self.priority, dtype=np.int8)
+        order = np.lexsort((np.arange(len(content)), priority, content))  # by content, best split, arrival
+        first = np.ones(len(order), dtype=bool)
+        first[1:] = content[order][1:] != content[order][:-1]
+        owner = np.empty(len(content), dtype=np.int64)
+        owner[order] = np.maximum.accumulate(np.where(first, np.arange(len(order)), 0))
+        owner = order[owner]  # the first sample of each content's best split
+        keep = priority == priority[owner]
+        dropped: Counter = Counter()
+        for i in np.flatnonzero(~keep):
+            split = self._split(int(i))
+            dropped[split] += 1
+            o = int(owner[i])
+            report.skip(self._origin(int(i)), "cross_split_duplicate",
+                        f"same content as {self._origin(o)} in {self._split(o)}")
+        return keep, dropped
+
+    def train_samples(self, keep: np.ndarray) -> int:
+        return int((keep & (np.frombuffer(self.priority, dtype=np.int8) == SPLIT_PRIORITY["train"])).sum())
+
+    def _entry(self, i: int) -> tuple[tuple[str, str, str], int]:
+        series, index = divmod(self.where[i], 2 ** 32)
+        return list(self.series)[series], index
+
+    def _split(self, i: int) -> str:
+        return self._entry(i)[0][0]
+
+    def _origin(self, i: int) -> str:
+        name, index = self._entry(i)
+        return json.loads(self.series[name].get(index)[1]["json"])["origin"]
+
+    def write_shards(self, root: Path, keep: np.ndarray, samples_per_shard: int, seed: int) -> dict[str, dict]:
+        """One shard series per (split, source, kind), the kept samples in a seeded order (the same
+        order for the same input, whatever the buffer). Returns shard infos."""
+        where = np.frombuffer(self.where, dtype=np.int64)
+        shards = {}
+        for (split, source, kind) in sorted(self.series):
+            spool = self.series[(split, source, kind)]
+            mine = (where >> 32) == self.numbers[(split, source, kind)]
+            items = where[mine & keep] & (2 ** 32 - 1)  # kept samples of this series, in arrival order
+            if not len(items):
+                continue
+            order = np.random.default_rng([seed, zlib.crc32(f"{split}/{source}/{kind}".encode())]).permutation(
+                len(items))
+            (root / split).mkdir(parents=True, exist_ok=True)
+            writer = ShardWriter(str(root / split / shard_pattern(source, kind)), samples_per_shard)
+            for i in order:
+                writer.write(*spool.get(int(items[i])))
+            writer.close()
+            spool.file.close()
+            for path, count in zip(writer.paths, writer.counts):
+                rel = Path(path).relative_to(root).as_posix()
+                shards[rel] = {"split": split, "source": source, "kind": kind, "samples": count,
+                               "sha256": sha256(Path(path))}
+        return shards
+
+
+def shard_pattern(source: str, kind: str) -> str:
+    """`<kind number>-<kind>-<source>-NNNNNN.tar`: in every split the image+text shards sort first
+    (kind numbers follow schema.SAMPLE_KINDS), so a reader that infers columns from the first shard
+    (Hugging Face's `webdataset` builder) sees png, txt and json, and loses no caption."""
+    return f"{SAMPLE_KINDS.index(kind)}-{kind}-{source}-%06d.tar"
+
+
+def write_dataset(records: Iterable[Record], out: Path, samples_per_shard: int = 500, seed: int = 0,
                   vocab_size: int = 2048, processor_kwargs: dict | None = None, build: dict | None = None,
-                  report: PrepareReport | None = None) -> Path:
+                  report: PrepareReport | None = None, facts: Callable[[], dict] | None = None) -> Path:
     """Shards + processor + manifest (+ the report's skipped.jsonl/notes.jsonl) for `records`,
     swapped into `out` only when complete.
 
+    Records are encoded and spooled to disk as they arrive (an iterator is consumed once): memory
+    holds a few integers per sample and the train texts (for the tokenizer), not the samples.
+
     Args:
-        records: the samples; keys must be unique per source.
+        records: the samples (any iterable, e.g. a source's generator); keys must be unique per source.
         out: the output folder (replaced as a whole).
         report: what the sources left out or changed; cross-split duplicates are added to it.
+        facts: called once the records are read: more `build` entries (the source's facts, and
+            `splits`: how the held-out splits were made when the input named none).
     Returns:
         `out`.
     Raises:
@@ -114,31 +245,41 @@ def write_dataset(records: list[Record], out: Path, samples_per_shard: int = 500
 
     check_out(Path(out))
     report = report if report is not None else PrepareReport()
-    keys = Counter((r.source, r.key) for r in records)
-    if any(n > 1 for n in keys.values()):
-        raise ValueError(f"duplicate sample keys: {sorted(k for k, n in keys.items() if n > 1)[:5]}")
-    records, duplicates = drop_cross_split_duplicates(records, report)
-    if not any(r.split == "train" for r in records):
-        skipped = ", ".join(f"{reason} {n}" for reason, n in report.skip_counts().items()) or "nothing skipped"
-        raise ValueError(f"no training samples found ({len(records)} usable in other splits; {skipped}); check "
-                         "--source/--input and that images have same-named .txt captions.")
     out = Path(out)
     with staged_directory(out, normalize_modes=True) as tmp:  # renamed onto `out` only when complete
-        shards = _write_shards(records, tmp, samples_per_shard, seed)
-        tokenizer = train_tokenizer([r.text for r in records if r.split == "train" and r.text], vocab_size)
+        spooler = _Spooler(tmp / ".spool")
+        for r in records:
+            spooler.add(r)
+        spooler.check_keys()
+        build = dict(build or {}, **(facts() if facts is not None else {}))
+        keep, duplicates = spooler.kept(report)
+        if not spooler.train_samples(keep):
+            skipped = ", ".join(f"{reason} {n}" for reason, n in report.skip_counts().items()) or "nothing skipped"
+            raise ValueError(f"no training samples found ({int(keep.sum())} usable in other splits; {skipped}); "
+                             "check --source/--input: --source folder needs images with same-named .txt captions "
+                             "or a metadata.jsonl/.csv (file_name + text); data files and datasets: --source hf.")
+        shards = spooler.write_shards(tmp, keep, samples_per_shard, seed)
+        shutil.rmtree(tmp / ".spool")
+        tokenizer = train_tokenizer(spooler.train_texts, vocab_size)
         processor = MmoeProcessor(tokenizer, **(processor_kwargs or {}))
         processor.save_pretrained(tmp / "processor")
         counts = {split: {kind: 0 for kind in SAMPLE_KINDS} for split in SPLITS}
         for info in shards.values():
             counts[info["split"]][info["kind"]] += info["samples"]
         manifest = {"format": "mmoe-ds webdataset v1", "seed": seed, "shards": shards, "counts": counts,
-                    "sources": sorted({r.source for r in records}), "classes": CLASS_NAMES,
+                    "sources": sorted({info["source"] for info in shards.values()}), "classes": CLASS_NAMES,
                     "caption_templates": list(TEMPLATES), "dropped_cross_split_duplicates": dict(duplicates),
                     "processor": processor.to_dict(), "build": build or {},
                     "report": {"skipped": report.skip_counts(), "changed": report.note_counts()}}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         report.write(tmp)
     return out
+
+
+def source_facts(source) -> dict:
+    """The manifest's `build` entries a source knows once its records are read."""
+    note = source.split_note()
+    return {**source.build_info(), **({"splits": note} if note else {})}
 
 
 def check_out(out: Path) -> None:
@@ -167,6 +308,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must lie in [0, 1)")
+    return value
+
+
 def _pixels(text: str) -> int:
     """An integer, or with a K/M/G suffix (powers of 1024): 64M."""
     factor = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
@@ -187,6 +338,9 @@ def check_options(args: argparse.Namespace) -> str | None:
     if args.max_length < patches + 3:
         return (f"--max-length {args.max_length} cannot hold {patches} image patches plus <bos>, a token and <eos>; "
                 f"use --max-length {patches + 3} or more, or a larger --patch-size")
+    if args.validation_fraction + args.test_fraction >= 1:
+        return (f"--validation-fraction {args.validation_fraction} and --test-fraction {args.test_fraction} leave no "
+                "training sample; keep their sum below 1 (e.g. 0.1 each)")
     if args.vocab_size < 260:
         return f"--vocab-size {args.vocab_size} is below the 256 byte symbols plus 4 special tokens; use >= 260"
     return None
@@ -213,7 +367,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--patch-size", type=_positive, default=7, help="must divide --image-size")
     parser.add_argument("--channels", type=int, default=1, choices=[1, 3], help="processor: 1 gray, 3 RGB")
     parser.add_argument("--image-column", default="image", help="hf: image column, or 'none' for text only")
-    parser.add_argument("--text-column", default="text", help="hf: caption column; text: the .jsonl field")
+    parser.add_argument("--text-column", default="text",
+                        help="hf: caption column; text: the .jsonl field; folder: the metadata.jsonl/.csv field")
+    parser.add_argument("--caption-select", choices=CAPTION_SELECT, default=None,
+                        help="hf / folder metadata: a caption cell holding a list: its first caption, or all (one "
+                             "sample per caption, in the row's split)")
+    parser.add_argument("--validation-fraction", type=_fraction, default=DEFAULT_FRACTIONS[0],
+                        help="samples held out for validation when the input names no validation split (stable hash "
+                             "of each sample's key; default 0.1)")
+    parser.add_argument("--test-fraction", type=_fraction, default=DEFAULT_FRACTIONS[1],
+                        help="the same for the test split (default 0.1)")
     defaults = Limits()
     parser.add_argument("--max-side", type=_positive, default=defaults.max_side,
                         help="images are stored downscaled to fit this side (aspect kept)")
@@ -222,6 +385,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "default 64M")
     parser.add_argument("--max-caption-bytes", type=_positive, default=defaults.max_caption_bytes,
                         help="captions/texts are cut to this many UTF-8 bytes (reported)")
+    parser.add_argument("--max-image-bytes", type=_pixels, default=defaults.max_image_bytes,
+                        help="folder / hf image files and cells larger than this are skipped from their size, never "
+                             "read; K/M/G suffixes, default 64M")
     args = parser.parse_args(argv)
     problem = check_options(args)
     if problem:
@@ -238,10 +404,9 @@ def main(argv: list[str]) -> int:
     try:
         check_out(Path(args.out))
         source = make_source(args)
-        records = list(source.records(report))
-        build = {"source": source.name, **source.build_info()}
-        out = write_dataset(records, Path(args.out), args.samples_per_shard, args.seed, args.vocab_size,
-                            processor_kwargs, build, report)
+        out = write_dataset(source.records(report), Path(args.out), args.samples_per_shard, args.seed,
+                            args.vocab_size, processor_kwargs, {"source": source.name}, report,
+                            lambda: source_facts(source))
     except (SourceError, ValueError) as e:  # bad input or options: a message, not a traceback
         print(f"mmoe-ds prepare: {e}", file=sys.stderr)
         return 2
@@ -252,7 +417,9 @@ def main(argv: list[str]) -> int:
               "--out writable (with free space).", file=sys.stderr)
         return 2
     manifest = json.loads((out / "manifest.json").read_text())
+    if manifest["build"].get("splits"):
+        print(f"note: {manifest['build']['splits']}")
     print(report.summary())
     print(f"details: {out / 'skipped.jsonl'}, {out / 'notes.jsonl'}")
-    print(json.dumps({"out": str(out), "counts": manifest["counts"], "build": build}))
+    print(json.dumps({"out": str(out), "counts": manifest["counts"], "build": manifest["build"]}))
     return 0

@@ -18,11 +18,12 @@ BATCH_KEYS = ("input_ids", "attention_mask", "labels", "modality_ids", "pixel_pa
 # Shard level: `corrupt_tar` (a cut, a damaged header, junk after the end, a damaged compressed
 # stream, an archive without files), `unreadable_shard` (missing file, network, failing pipe).
 # Sample level: `member_too_large` (a non-text member over the reader's max_member_bytes),
-# `image_too_large` (over max_image_pixels, refused from the header). `dead_source`: a source with
+# `image_too_large` (over max_image_pixels, refused from the header), `duplicate_key` (a second sample
+# with a key already read in the shard: the first is kept). `dead_source`: a source with
 # no readable sample left for a loader slot, dropped from the mix.
 # `caption_truncated` is a note, not a skip: the sample is kept with its caption cut to
 # max_caption_bytes (listed here so it is counted, logged and summed like the others).
 SKIP_REASONS = ("corrupt_tar", "missing_key", "bad_json", "unknown_modality", "modality_mismatch", "bad_image",
                 "bad_text", "empty_caption", "dead_source", "unreadable_shard", "member_too_large", "image_too_large",
-                "caption_truncated")
+                "caption_truncated", "duplicate_key")
 KEPT_REASONS = ("caption_truncated",)  # counted like skips, but the sample is used

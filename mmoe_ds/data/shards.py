@@ -233,9 +233,12 @@ def iter_raw(shard: str, skips: SkipLog | Counter, *, max_member_bytes: int = MA
     """(key, {ext: bytes}) per sample, in tar order; never raises.
 
     A sample is handed out once it is known to be complete: when the first member of the next
-    sample has been read, or when the archive ends properly. Damage (a cut anywhere, a header
-    failing its checksum, a zeroed header, junk after the end, a damaged compressed stream, an
-    archive without any file) ends the shard there with one `corrupt_tar`; a location that cannot
+    sample has been read (another key, or an extension the sample already has), or when the
+    archive ends properly. A key is handed out once per read: a later sample with a key already
+    seen in the shard (next to the first or far from it) is left out and counted as
+    `duplicate_key` (the first one is kept), so a one-pass read never yields a key twice. Damage
+    (a cut anywhere, a header failing its checksum, a zeroed header, junk after the end, a damaged
+    compressed stream, an archive without any file) ends the shard there with one `corrupt_tar`; a location that cannot
     be opened or read (missing file, network, failing pipe command) with one `unreadable_shard`;
     the sample being assembled is dropped with it.
 
@@ -253,17 +256,32 @@ def iter_raw(shard: str, skips: SkipLog | Counter, *, max_member_bytes: int = MA
         return max_caption_bytes if parts is not None and parts[1] in TEXT_EXTENSIONS else 0
 
     pending: tuple[str, dict[str, bytes]] | None = None
+    seen: set[str] = set()  # keys handed out (or being assembled) in this read of the shard
+    dropping: str | None = None  # the key of a duplicate sample whose members are being passed over
+    dropped_exts: set[str] = set()
     try:
         with open_shard(shard) as raw:
             for name, data in iter_members(_uncompressed(raw), max_member_bytes=max_member_bytes, keep_bytes=keep):
                 parts = split_member_name(name)
                 if parts is None:
                     continue
-                if pending is not None and pending[0] != parts[0]:
+                key, ext = parts
+                if dropping is not None:
+                    if key == dropping and ext not in dropped_exts:  # the duplicate's other members
+                        dropped_exts.add(ext)
+                        continue
+                    dropping = None
+                if pending is not None and (pending[0] != key or ext in pending[1]):  # a new sample starts
                     yield pending
                     pending = None
-                pending = pending or (parts[0], {})
-                pending[1][parts[1]] = data
+                if pending is None and key in seen:  # a second sample with a key already used
+                    record_skip(skips, "duplicate_key", shard, key, "a second sample with this key in the shard: "
+                                                                    "the first one is kept")
+                    dropping, dropped_exts = key, {ext}
+                    continue
+                seen.add(key)
+                pending = pending or (key, {})
+                pending[1][ext] = data
     except ShardUnreadable as e:
         record_skip(skips, "unreadable_shard", shard, detail=str(e)[:300])
         return

@@ -1,8 +1,8 @@
 """Where samples come from: every source implements `base.Source` and yields `Record`s in a
 fixed order (deterministic builds), naming what it skips or changes in a `PrepareReport`.
 Sources (`registry.SOURCES`): `embedded` (the offline real dataset), `folder` (images with .txt
-captions), `hf` (a `datasets` dataset: save_to_disk folder, data files, hub id), `text`
-(.txt/.jsonl text-only files)."""
+captions or a metadata.jsonl/.csv), `hf` (a `datasets` dataset: save_to_disk folder, data files,
+hub id), `text` (.txt/.jsonl text-only files)."""
 from ..captions import CLASS_NAMES, class_caption, class_captions
 from .base import (IMAGE_SUFFIXES, NOTE_KINDS, SKIP_REASONS, Limits, PrepareReport, Record, ReportEntry, Source,
                    SourceError, sample_key, split_by_index, split_by_name, to_8bit)

@@ -15,6 +15,8 @@ import codecs
 import hashlib
 import io
 import json
+import os
+import stat
 from abc import ABC, abstractmethod
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -27,6 +29,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ..shards import PNG_SIGNATURE
 from ..shards import check_png_chunks, strict_decoding  # the loader's checks, one implementation
 
+DEFAULT_FRACTIONS = (0.1, 0.1)  # (validation, test): prepare's --validation-fraction / --test-fraction
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 # Why a file or row is left out of a build (prepare's reasons; the loader has its own in schema).
@@ -40,6 +43,10 @@ SKIP_REASONS = {
     "duplicate_image": "the same pixels as an earlier file (the first one is kept)",
     "ambiguous_caption": "a second caption file for one name (a.txt and a.TXT): the first in sorted order is used",
     "unreadable_file": "a file that cannot be read (permissions, I/O error, a broken link)",
+    "special_file": "a FIFO, socket or device file: never opened (reading one could block or never end)",
+    "link_outside_root": "a symbolic link whose target lies outside --input (not followed)",
+    "link_loop": "a symbolic link to a folder already being read (a loop): not followed again",
+    "image_too_large": "an image file over --max-image-bytes (from its size, before any byte is read)",
     "unknown_file_type": "a file that is neither an image nor a .txt caption",
     "hidden_file": "a file or folder whose name starts with '.' (.DS_Store, .ipynb_checkpoints, ...)",
     "bad_json": "a .jsonl line that is not a JSON object",
@@ -53,7 +60,16 @@ NOTE_KINDS = {
     "caption_not_utf8": "caption decoded with the stated fallback (UTF-16 by BOM, else cp1252, else latin-1)",
     "caption_truncated": "caption cut to --max-caption-bytes (at a character boundary)",
     "shared_caption": "one .txt captions several same-named images (r0.png, r0.jpg): each is a sample",
+    "followed_link": "a symbolic link inside --input, read through (its files keep the link's path)",
+    "caption_list": "a list of captions: the first one taken (--caption-select first) or one sample each (all)",
 }
+
+
+def display_name(text: str) -> str:
+    """A printable, UTF-8-encodable form of a file name: bytes that are not UTF-8 (decoded by Python
+    with surrogateescape) are shown as backslash escapes (`caf\\xe9.png`), so reports and JSON
+    can always be written; the sample key keeps the exact bytes (`sample_key`)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 class SourceError(ValueError):
@@ -93,12 +109,12 @@ class PrepareReport:
     def skip(self, item: str, reason: str, detail: str = "") -> None:
         if reason not in SKIP_REASONS:
             raise ValueError(f"PrepareReport.skip: unknown reason {reason!r}; add it to SKIP_REASONS.")
-        self.skipped.append(ReportEntry(item, reason, detail))
+        self.skipped.append(ReportEntry(display_name(item), reason, display_name(detail)))
 
     def note(self, item: str, kind: str, detail: str = "") -> None:
         if kind not in NOTE_KINDS:
             raise ValueError(f"PrepareReport.note: unknown kind {kind!r}; add it to NOTE_KINDS.")
-        self.notes.append(ReportEntry(item, kind, detail))
+        self.notes.append(ReportEntry(display_name(item), kind, display_name(detail)))
 
     def skip_counts(self) -> dict[str, int]:
         return dict(sorted(Counter(e.reason for e in self.skipped).items()))
@@ -132,6 +148,8 @@ class Source(ABC):
     name: ClassVar[str]
     help: ClassVar[str]
     needs_input: ClassVar[bool] = True
+    # (validation, test) fractions for samples whose input names no split (set by `make_source`)
+    fractions: tuple[float, float] = DEFAULT_FRACTIONS
 
     @classmethod
     @abstractmethod
@@ -146,6 +164,11 @@ class Source(ABC):
         """Facts about this build for the manifest's `build` entry (input, options, system data used)."""
         return {}
 
+    def split_note(self) -> str | None:
+        """After `records`: a line saying how the held-out splits were made when the input did not
+        name them (None when every split came from the input itself)."""
+        return None
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -153,9 +176,15 @@ class Limits:
     max_side: int = 256  # images are downscaled to fit (aspect kept)
     max_image_pixels: int = 64 * 1024 * 1024  # width x height from the header; larger files are skipped
     max_caption_bytes: int = 4096  # longer captions are cut at a character boundary
+    max_image_bytes: int = 64 << 20  # image files larger than this are skipped from their size, never read
+
+    @classmethod
+    def from_args(cls, args: Any) -> "Limits":
+        """From `prepare`'s options (a missing option keeps its default)."""
+        return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__ if hasattr(args, name)})
 
     def __post_init__(self):
-        for name in ("max_side", "max_image_pixels", "max_caption_bytes"):
+        for name in ("max_side", "max_image_pixels", "max_caption_bytes", "max_image_bytes"):
             if getattr(self, name) < 1:
                 raise SourceError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
 
@@ -166,9 +195,19 @@ def split_by_index(i: int) -> str:
     return {8: "validation", 9: "test"}.get(i % 10, "train")
 
 
-def split_by_name(name: str) -> str:
-    """A stable split for a user file, from a hash of its name (adding files moves no other file)."""
-    return split_by_index(int(hashlib.sha1(name.encode()).hexdigest(), 16))
+def split_by_name(name: str, fractions: tuple[float, float] = DEFAULT_FRACTIONS) -> str:
+    """A stable split for a sample from a hash of its name or key (adding samples moves no other):
+    `test` with probability fractions[1], `validation` with fractions[0], else `train`. Names that
+    are not valid UTF-8 (surrogate-escaped by Python) hash by their exact bytes."""
+    validation, test = fractions
+    u = int(hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest()[:8], 16) / 2 ** 32
+    return "test" if u < test else "validation" if u < test + validation else "train"
+
+
+def split_note(fractions: tuple[float, float], why: str) -> str:
+    """The line `prepare` prints when it made the held-out splits itself."""
+    return (f"splits: validation {fractions[0]:.0%}, test {fractions[1]:.0%} of the samples, by a stable hash of "
+            f"each sample's key ({why}); change with --validation-fraction / --test-fraction")
 
 
 MAX_KEY_CHARS = 90  # a USTAR member name holds 100 bytes: KEY + ".json"
@@ -230,13 +269,41 @@ def read_bounded(stream: BinaryIO, max_bytes: int) -> tuple[bytes, bool]:
     return data, bool(stream.read(1))
 
 
-# -- images -----------------------------------------------------------------------------------------
 class ImageProblem(Exception):
-    """Why an image cannot be used: `reason` is a key of SKIP_REASONS."""
+    """Why an image (or a caption cell) cannot be used: `reason` is a key of SKIP_REASONS."""
 
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)
         self.reason, self.detail = reason, detail
+
+
+CAPTION_SELECT = ("first", "all")  # --caption-select: what a list of captions gives
+
+
+def caption_cells(value: Any, column: str, select: str | None) -> list[str]:
+    """The caption(s) a cell holds, before decoding: [text] for a string; for a list of strings
+    (COCO/Flickr `sentences`), its first non-empty one (`select="first"`) or every one (`"all"`).
+    Raises ImageProblem: `no_caption` (null, empty list), `bad_text` (not a string, or a list
+    without `select`: the detail names --caption-select)."""
+    if value is None:
+        raise ImageProblem("no_caption", f"{column!r} is empty (null)")
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        if select is None:
+            raise ImageProblem("bad_text", f"{column!r} holds a list of {len(value)} captions; pass --caption-select "
+                                           "first (its first caption) or all (one sample per caption)")
+        if not all(isinstance(v, str) for v in value):
+            kinds = sorted({type(v).__name__ for v in value if not isinstance(v, str)})
+            raise ImageProblem("bad_text", f"{column!r} holds a list with {kinds} items, not only strings")
+        texts = [v for v in value if v.strip()]
+        if not texts:
+            raise ImageProblem("no_caption", f"{column!r} holds no non-empty caption")
+        return texts[:1] if select == "first" else texts
+    raise ImageProblem("bad_text", f"{column!r} holds a {type(value).__name__}, not a string")
+
+
+# -- images -----------------------------------------------------------------------------------------
 
 
 IMAGE_SIGNATURES = (PNG_SIGNATURE, b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
@@ -313,3 +380,21 @@ def load_image(data: bytes, limits: Limits) -> LoadedImage:
         converted = converted.copy()
         converted.thumbnail((limits.max_side, limits.max_side), Image.BICUBIC)
     return LoadedImage(converted, mode, (width, height), digest)
+
+
+def read_image_file(path: Path, limits: Limits) -> LoadedImage:
+    """Load an image file under `limits`, its size bounded before any byte is read: not a regular
+    file (FIFO, device) -> `special_file`, never opened; larger than `max_image_bytes` (from stat)
+    -> `image_too_large`; and no more than the cap is read, so a file growing meanwhile is caught
+    too. Raises ImageProblem, or OSError when the file cannot be read."""
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise ImageProblem("special_file", "not a regular file: never opened")
+    cap = limits.max_image_bytes
+    if info.st_size > cap:
+        raise ImageProblem("image_too_large", f"{info.st_size} bytes > --max-image-bytes {cap}")
+    with open(path, "rb") as f:
+        data = f.read(cap + 1)
+    if len(data) > cap:
+        raise ImageProblem("image_too_large", f"over --max-image-bytes {cap} (the file grew while read)")
+    return load_image(data, limits)

@@ -29,4 +29,7 @@ def make_source(args: Any) -> Source:
         raise SourceError(f"--source {args.source} needs --input PATH (see `mmoe-ds prepare --help`).")
     if not cls.needs_input and args.input:
         raise SourceError(f"--source {args.source} takes no --input; drop it, or choose another --source.")
-    return cls.from_args(args)
+    source = cls.from_args(args)
+    source.fractions = (getattr(args, "validation_fraction", source.fractions[0]),
+                        getattr(args, "test_fraction", source.fractions[1]))
+    return source

@@ -15,7 +15,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
-from .base import Limits, PrepareReport, Record, Source, SourceError, decode_caption, sample_key, split_by_name
+from .base import (Limits, PrepareReport, Record, Source, SourceError, decode_caption, sample_key, split_by_name,
+                   split_note)
 
 TEXT_SUFFIXES = (".txt", ".jsonl")
 JSONL_OVERHEAD = 64 * 1024  # room for a line's other fields and JSON escapes beyond the text's own cap
@@ -76,7 +77,7 @@ class TextFilesSource(Source):
 
     @classmethod
     def from_args(cls, args: Any) -> "TextFilesSource":
-        return cls(args.input, args.text_column, Limits(args.max_side, args.max_image_pixels, args.max_caption_bytes))
+        return cls(args.input, args.text_column, Limits.from_args(args))
 
     def build_info(self) -> dict:
         return {"input": self.input, "files": len(self.files), "text_column": self.text_column,
@@ -117,6 +118,9 @@ class TextFilesSource(Source):
             return None
         return self._text(item, value.encode("utf-8", "replace"), len(value.encode("utf-8", "replace")), report)
 
+    def split_note(self) -> str | None:
+        return split_note(self.fractions, "text files name no split")
+
     def records(self, report: PrepareReport) -> Iterator[Record]:
         for path in self.files:
             rel = self._rel(path)
@@ -133,5 +137,5 @@ class TextFilesSource(Source):
                     if not text:
                         report.skip(item, "empty_caption")
                         continue
-                    yield Record(split_by_name(item), "text", self.name, sample_key(item), None, text, None, LICENSE,
-                                 origin=item)
+                    yield Record(split_by_name(item, self.fractions), "text", self.name, sample_key(item), None, text,
+                                 None, LICENSE, origin=item)
