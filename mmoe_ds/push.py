@@ -3,11 +3,19 @@
 The token comes only from the `HF_TOKEN` environment variable or huggingface_hub's stored login
 (`hf auth login`), resolved by `HfApi` itself: it is never an argument, never printed or logged,
 and never written anywhere. `--dry-run` prints the files and the card that would go up, offline.
+
+Only what an export contains goes up, by an allow-list of names at the folder's top level (config,
+weights and their index, processor and tokenizer files, the shipped code, card, routing report):
+whatever else lies in the folder (`.env`, `optimizer.pt`, `training_args.bin` pickles, dot-folders
+such as `.ipynb_checkpoints/`, TensorBoard event files, sub-folders) is never uploaded, and a
+symbolic link that leaves the folder is refused before anything is sent.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,8 +23,17 @@ from pathlib import Path
 REQUIRED = {"config.json": "the model config", "README.md": "the model card",
             "processor_config.json": "the processor"}
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
-# never uploaded (fnmatch patterns, as upload_folder applies them: `*` also matches "/")
-IGNORE = [".cache/*", "*/.cache/*", "__pycache__/*", "*/__pycache__/*", "*.pyc", ".git/*", "*/.git/*", "*.DS_Store"]
+# What an export holds (top level only): what `mmoe-ds export` writes, and the tokenizer files
+# transformers may write for a pretrained LM's tokenizer (`mmoe-ds upcycle`). The shipped code's
+# names come from mmoe_ds.export.remote_code; weight shards match SHARD_NAME.
+EXPORT_FILES = ("config.json", "generation_config.json", "README.md", "model.safetensors",
+                "model.safetensors.index.json", "processor_config.json", "preprocessor_config.json", "tokenizer.json",
+                "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.jinja",
+                "vocab.json", "merges.txt", "tokenizer.model", "routing_report.md", "routing_report.png")
+SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+# never uploaded even if a future allow-list entry matched (fnmatch patterns, as upload_folder applies them)
+IGNORE = [".*", "*/.*", "__pycache__/*", "*/__pycache__/*", "*.pyc", "*.pt", "*.bin", "*.pth", "*.pkl", "*.ckpt",
+          "*tfevents*"]
 
 
 class NotAnExport(ValueError):
@@ -31,11 +48,18 @@ class PushPlan:
     repo_id: str
     files: list[tuple[str, int]] = field(default_factory=list)
     card: str = ""
+    left_out: int = 0  # entries of the folder that are not part of an export (never uploaded)
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.files]
 
     def describe(self) -> str:
         total = sum(size for _, size in self.files)
         lines = [f"would upload {len(self.files)} files ({total} bytes) from {self.export_dir} to {self.repo_id}:"]
         lines += [f"  {size:>12}  {name}" for name, size in self.files]
+        if self.left_out:
+            lines.append(f"({self.left_out} other entries of the folder are not part of an export and stay local)")
         return "\n".join(lines + ["", "model card (README.md):", self.card])
 
 
@@ -67,11 +91,32 @@ def plan_push(export_dir: str | Path, repo_id: str) -> PushPlan:
                           "`mmoe-ds export CKPT OUT` (from a run whose data has a processor).")
     if repo_id.count("/") > 1 or not repo_id.strip("/") or " " in repo_id:
         raise NotAnExport(f"repo id {repo_id!r} is not of the form 'user/name' or 'org/name'.")
+    allowed = export_names(root)
+    entries = sorted(os.listdir(root))
+    for name in entries:  # before anything is listed or sent: a link may not lead out of the folder
+        link = root / name
+        if link.is_symlink() and root.resolve() not in link.resolve().parents:
+            raise NotAnExport(f"{link} is a symbolic link to {os.path.realpath(link)}, outside the export; "
+                              "remove it (or copy the file in) before pushing.")
     from huggingface_hub.utils import filter_repo_objects  # the filter upload_folder applies
 
-    names = filter_repo_objects(sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()),
-                                ignore_patterns=IGNORE)
-    return PushPlan(root, repo_id, [(n, (root / n).stat().st_size) for n in names], (root / "README.md").read_text())
+    names = list(filter_repo_objects([n for n in entries if n in allowed and (root / n).is_file()],
+                                     ignore_patterns=IGNORE))
+    return PushPlan(root, repo_id, [(n, (root / n).stat().st_size) for n in names], (root / "README.md").read_text(),
+                    left_out=len(entries) - len(names))
+
+
+def export_names(root: Path) -> set[str]:
+    """The file names an export may hold at its top level: EXPORT_FILES, weight shards (SHARD_NAME, or
+    named by the index), and the shipped code (mmoe_ds.export.remote_code's files and the auto_maps' modules)."""
+    from .export.remote_code import CODE_FILES, OPTIONAL_CODE_FILES, PROCESSOR_CODE_FILES, PROCESSOR_DEPENDENCIES
+
+    names = set(EXPORT_FILES) | {n for n in os.listdir(root) if SHARD_NAME.fullmatch(n)}
+    names |= {*CODE_FILES.values(), *OPTIONAL_CODE_FILES.values(), *PROCESSOR_CODE_FILES.values(),
+              *PROCESSOR_DEPENDENCIES.values()}
+    names |= {ref for _, ref in _referenced_files(root)
+              if "/" not in ref and ref.endswith((".safetensors", ".py")) and not ref.startswith(".")}
+    return names
 
 
 def _referenced_files(root: Path) -> list[tuple[str, str]]:
@@ -117,7 +162,8 @@ def push(export_dir: str | Path, repo_id: str, *, revision: str | None = None, p
         api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
     commit = api.upload_folder(repo_id=repo_id, folder_path=str(plan.export_dir), repo_type="model",
                                revision=revision, create_pr=create_pr,
-                               commit_message=commit_message or "Upload mmoe-ds export", ignore_patterns=IGNORE)
+                               commit_message=commit_message or "Upload mmoe-ds export",
+                               allow_patterns=plan.names, ignore_patterns=IGNORE)
     return PushResult(str(repo_url), str(getattr(commit, "commit_url", commit)), getattr(commit, "pr_url", None))
 
 

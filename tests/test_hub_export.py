@@ -3,12 +3,14 @@ in a process where neither mmoe_ds nor DeepSpeed can be imported, running the ca
 on a PIL image; sharded safetensors (`max_shard_size`) that load to identical logits."""
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
 import re
 import subprocess
 import sys
+import tarfile
 import textwrap
 from pathlib import Path
 
@@ -40,6 +42,10 @@ ROUTING = [
      "text": {"tokens": 10, "routed_per_expert": [0, 0, 20, 0], "kept_per_expert": [0, 0, 20, 0], "dropped": 0,
               "entropy": math.log(2)}},
 ]
+# The licenses the embedded sources record per sample (mmoe_ds/data/sources/embedded.py).
+LICENSES = {"digits": "CC BY 4.0 (UCI Optical Recognition of Handwritten Digits, via scikit-learn)",
+            "fashion_mnist": "MIT (Zalando Research, Fashion-MNIST; Debian package dataset-fashion-mnist)",
+            "wordnet": "WordNet 3.0 license (Princeton University)"}
 BLOCK_IMPORTS = 'import sys\nsys.modules["deepspeed"] = None\nsys.modules["mmoe_ds"] = None  # imports now raise\n'
 
 
@@ -50,7 +56,19 @@ def make_export(root: Path, max_shard_size="2GB", seed: int = 0) -> tuple[Path, 
     processor = MmoeProcessor(tokenizer, max_length=40)
     data = root / "data"
     processor.save_pretrained(data / "processor")
-    (data / "manifest.json").write_text(json.dumps({"sources": ["digits", "fashion_mnist", "wordnet"]}))
+    shards = {}
+    for source, lic in LICENSES.items():  # one small shard per source, each sample's .json naming its license
+        name = f"train/{source}-000000.tar"
+        (data / "train").mkdir(exist_ok=True)
+        with tarfile.open(data / name, "w") as tar:
+            for i in range(2):
+                for ext, payload in [("txt", CAPTIONS[i].encode()),
+                                     ("json", json.dumps({"source": source, "license": lic}).encode())]:
+                    info = tarfile.TarInfo(f"{source}{i:04d}.{ext}")
+                    info.size = len(payload)
+                    tar.addfile(info, io.BytesIO(payload))
+        shards[name] = {"kind": "text", "samples": 2, "source": source, "split": "train"}
+    (data / "manifest.json").write_text(json.dumps({"sources": sorted(LICENSES), "shards": shards}))
     run = root / "run"
     (run / "report").mkdir(parents=True)
     (run / "report" / "routing_report.md").write_text("| modality | expert 0 |\n|---|---|\n| image | 0.5 |\n")

@@ -96,6 +96,7 @@ def test_export_loads_with_trust_remote_code_without_mmoe_ds_or_deepspeed(tmp_pa
     assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
     config = json.loads((export_dir / "config.json").read_text())
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_mmoe.MmoeForCausalLM"
+    assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_mmoe.MmoeForCausalLM"  # the pipeline's class
     assert config["moe_backend"] == "torch"
     assert (export_dir / "generation_config.json").exists() and (export_dir / "README.md").exists()
 

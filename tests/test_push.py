@@ -18,9 +18,12 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl, get_token
+from huggingface_hub.utils import filter_repo_objects
 
 from mmoe_ds.push import IGNORE, main as push_main
-from test_hub_export import METRICS, make_export
+from mmoe_ds.export.card import model_card
+from test_hub_export import LICENSES, METRICS, make_export
+from test_model import tiny_config
 
 TESTS = Path(__file__).resolve().parent
 REPO = "someone/tiny-mmoe"
@@ -46,9 +49,13 @@ class RecordingHfApi(HfApi):
 
     def upload_folder(self, **kwargs):
         folder = Path(kwargs["folder_path"])
-        files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+        files = sorted(p.relative_to(folder).as_posix() for p in folder.glob("**/*") if p.is_file())
+        # what the real upload_folder would send: its listing filtered by huggingface_hub's own filter
+        uploaded = sorted(filter_repo_objects(files, allow_patterns=kwargs.get("allow_patterns"),
+                                              ignore_patterns=kwargs.get("ignore_patterns")))
         # what the token resolution would give this api (HF_TOKEN or the stored login), not the token
-        self.calls.append(("upload_folder", dict(kwargs, files_present=files, token_resolves=get_token() is not None)))
+        self.calls.append(("upload_folder", dict(kwargs, files_present=files, uploaded=uploaded,
+                                                 token_resolves=get_token() is not None)))
         pr = "https://huggingface.co/someone/tiny-mmoe/discussions/1" if kwargs.get("create_pr") else None
         return CommitInfo(commit_url=f"https://huggingface.co/{kwargs['repo_id']}/commit/abc123",
                           commit_message=kwargs["commit_message"], commit_description="", oid="abc123", pr_url=pr)
@@ -72,8 +79,8 @@ def test_push_creates_the_repo_and_uploads_the_folder_with_the_given_options(exp
     assert (upload["repo_type"], upload["revision"], upload["create_pr"], upload["commit_message"]) == \
         ("model", "dev", False, "first model")
     assert "token" not in upload and "token" not in api.calls[0][1]  # never passed: HfApi resolves it
-    assert set(upload["files_present"]) == EXPORT_FILES
-    assert upload["ignore_patterns"] == IGNORE
+    assert set(upload["files_present"]) == set(upload["uploaded"]) == EXPORT_FILES
+    assert upload["ignore_patterns"] == IGNORE and sorted(upload["allow_patterns"]) == sorted(EXPORT_FILES)
     assert capsys.readouterr().out.strip() == f"pushed {export_dir} -> https://huggingface.co/{REPO}/commit/abc123"
 
 
@@ -117,10 +124,17 @@ def test_card_metadata_reads_back_with_the_checkpoint_metrics(export_dir):
     assert data.library_name == "transformers" and data.pipeline_tag == "image-text-to-text"
     assert {"mixture-of-experts", "multimodal", "custom_code"} <= set(data.tags)
     assert data.license == "apache-2.0" and data.datasets == ["digits", "fashion_mnist", "wordnet"]
+    assert data.language == ["en"]
     results = {r.metric_type: r.metric_value for r in data.eval_results}
     assert results == {"caption_loss": 1.25, "text_ppl": 40.5, "retrieval_r1": 0.35, "retrieval_r5": 0.8,
                        "caption_rank_acc": 0.6}
     assert all(results[k] == METRICS[k] for k in results)
+    splits = {r.metric_type: r.dataset_split for r in data.eval_results}
+    assert splits == {"caption_loss": "validation", "text_ppl": "validation", "retrieval_r1": "test",
+                      "retrieval_r5": "test", "caption_rank_acc": "test"}
+    # each source's license, as its shard's samples record it
+    for source, lic in LICENSES.items():
+        assert f"| {source} | {lic} |" in card.text, source
     body = card.text
     assert "trust_remote_code=True" in body
     assert "pip install torch transformers Pillow tokenizers safetensors numpy" in body
@@ -204,3 +218,64 @@ def test_cli_push_over_real_http_sends_the_token_only_as_a_header_and_fails_in_o
     # GETs of its own, e.g. /api/agent-harnesses, in 2.4)
     assert ("POST", "/api/repos/create", f"Bearer {token}") in RefusingHub.seen, RefusingHub.seen
     assert all(auth in ("", f"Bearer {token}") and token not in path for _, path, auth in RefusingHub.seen)
+
+
+def polluted_copy(export_dir: Path, folder: Path) -> Path:
+    """The export plus what a messy training folder leaves around (issue 18, item 9)."""
+    folder.mkdir()
+    for f in export_dir.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / ".env").write_text("HF_TOKEN=hf_not_a_real_token\n")
+    (folder / "optimizer.pt").write_bytes(b"\x80\x04pickle")
+    (folder / "training_args.bin").write_bytes(b"\x80\x04pickle")
+    (folder / ".ipynb_checkpoints").mkdir()
+    (folder / ".ipynb_checkpoints" / "config-checkpoint.json").write_text("{}")
+    (folder / ".ipynb_checkpoints" / "config.json").write_text("{}")
+    (folder / "events.out.tfevents.1700000000.host.1.0").write_bytes(b"\x00" * 16)
+    (folder / "runs").mkdir()
+    (folder / "runs" / "events.out.tfevents.1700000001.host.2.0").write_bytes(b"\x00" * 16)
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    (folder / "notes.py").write_text("import os\n")
+    return folder
+
+
+def test_push_uploads_only_the_export_from_a_polluted_folder_and_refuses_an_outside_link(export_dir, tmp_path,
+                                                                                        capsys):
+    folder = polluted_copy(export_dir, tmp_path / "messy")
+    (folder / "hostname").symlink_to("/etc/hostname")
+    api = RecordingHfApi()
+    for argv in ([str(folder), REPO, "--dry-run"], [str(folder), REPO]):
+        assert push_main(argv, api=api) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"mmoe-ds push: {folder / 'hostname'} is a symbolic link to "
+                                                       f"{os.path.realpath('/etc/hostname')}, outside the export"), err
+    assert api.calls == []  # refused before anything reached the Hub
+    (folder / "hostname").unlink()
+    (folder / "card_link.md").symlink_to(folder / "README.md")  # a link inside the folder is no reason to refuse
+    assert push_main([str(folder), REPO, "--dry-run"], api=api) == 0
+    out = capsys.readouterr().out
+    listing = out.split("\n\nmodel card (README.md):\n")[0]
+    listed = {line.split()[1] for line in listing.splitlines()[1:] if line.startswith("  ")}
+    assert listed == EXPORT_FILES, listed ^ EXPORT_FILES
+    for name in (".env", "optimizer.pt", "training_args.bin", ".ipynb_checkpoints", "tfevents", "pytorch_model.bin",
+                 "notes.py", "runs/", "card_link.md"):
+        assert name not in listing, name
+    assert "(9 other entries of the folder are not part of an export and stay local)" in listing
+    assert push_main([str(folder), REPO], api=api) == 0
+    upload = api.calls[-1][1]
+    assert set(upload["uploaded"]) == EXPORT_FILES and ".env" in upload["files_present"]
+
+
+def test_card_audit_counts_drops_per_route_not_per_token():
+    """Top-2 text with drops: 10 tokens make 20 routes, 6 dropped -> 30% of routes (per token it would read
+    60%); top-1 image: 10 tokens, 10 routes, 2 dropped -> 20% either way."""
+    record = {"kind": "train", "step": 7, "routing": [
+        {"image": {"tokens": 10, "routed_per_expert": [6, 4, 0, 0], "kept_per_expert": [4, 4, 0, 0], "dropped": 2,
+                   "entropy": 0.5},
+         "text": {"tokens": 10, "routed_per_expert": [0, 0, 10, 10], "kept_per_expert": [0, 0, 10, 4], "dropped": 6,
+                  "entropy": 0.5}}]}
+    card = ModelCard(str(model_card({}, tiny_config(), None, record)))
+    assert card.data.pipeline_tag == "image-text-to-text" and card.data.language == ["en"]
+    # kept 8 of image's 10 routes and 14 of text's 20: compute shares 8/22 and 14/22
+    assert "| image | 10 | 50.0% | 36.4% | 20.00% |" in card.text
+    assert "| text | 10 | 50.0% | 63.6% | 30.00% |" in card.text

@@ -165,7 +165,9 @@ def test_saved_processor_loads_back_and_a_pretrained_lm_tokenizer_without_pad_or
     processor = PretrainedProcessor.from_components(tok, tmp_path / "vision", config, max_length=24)
     processor.save_pretrained(tmp_path / "proc")
     saved = json.loads((tmp_path / "proc" / "processor_config.json").read_text())
-    assert saved == {"processor_class": "MmoeProcessor", "num_image_tokens": 16, "max_length": 24}
+    assert saved == {"processor_class": "MmoeProcessor", "num_image_tokens": 16, "max_length": 24,
+                     "model_max_length": config.max_position_embeddings, "max_text_bytes": 65536,
+                     "padding_side": "left", "auto_map": {"AutoProcessor": "processing_mmoe.MmoeProcessor"}}
     loaded = MmoeProcessor.from_pretrained(tmp_path / "proc")
     batch = loaded(images=[images(0, 1)[0], None], texts=["a red square", "two lines"])
     assert batch["input_ids"].tolist() == [[6] * 16 + [1, 2, 3, 0], [4, 5, 0] + [0] * 17]

@@ -121,7 +121,8 @@ def probe_batches(processor, data_dir: str | os.PathLike, n_probe: int, seed: in
     samples = sample_test_set(str(data_dir), n_probe, seed)
     if not samples:
         raise AnalysisInputError(f"{data_dir}: the test split's image+caption samples could not be read.")
-    return [processor([s.image for s in samples[i:i + batch_size]], [s.caption for s in samples[i:i + batch_size]])
+    return [processor(images=[s.image for s in samples[i:i + batch_size]],
+                      texts=[s.caption for s in samples[i:i + batch_size]])
             for i in range(0, len(samples), batch_size)]
 
 

@@ -26,8 +26,8 @@ class PretrainedProcessor(MmoeProcessor):
             vision: the local vision model folder whose image processor (preprocessor_config.json)
                 prepares images, or None for the patch path (the config's image geometry).
             config: the MmoeConfig the processor feeds (vision fields, image geometry).
-            max_length: tokens per sequence (default: the image tokens + 64, within the model's
-                max_position_embeddings).
+            max_length: tokens per training sequence (default: the image tokens + 64, within the
+                model's max_position_embeddings, which is the processor's model_max_length).
         Returns:
             the processor.
         Raises:
@@ -45,7 +45,7 @@ class PretrainedProcessor(MmoeProcessor):
             tokens = kwargs["num_image_tokens"]
         if max_length is None:
             max_length = min(tokens + DEFAULT_TEXT_TOKENS, config.max_position_embeddings)
-        return cls(tokenizer, max_length=max_length, **kwargs)
+        return cls(tokenizer, max_length=max_length, model_max_length=config.max_position_embeddings, **kwargs)
 
 
 def image_processor_of(vision: str | os.PathLike, vision_config: dict):

@@ -21,6 +21,7 @@ from transformers import GenerationConfig
 
 from ..atomic import staged_directory
 from ..model import MmoeForCausalLM
+from ..checkpoint import IncompleteCheckpointError
 from ..safe_load import UnsafeCheckpointError
 from .card import last_train_record, model_card
 from .gather import gather_state_dict, load_checkpoint_model, resolve_tag_dir
@@ -39,8 +40,10 @@ def write_model(model: MmoeForCausalLM, out: Path, max_shard_size: str | int = D
     model.config.auto_map = dict(AUTO_MAP)
     model.save_pretrained(out, max_shard_size=max_shard_size)
     c = model.config
+    # greedy up to the model's length: a caller's max_new_tokens / max_length (lm-eval's 256-token
+    # generate_until, the card's example) takes precedence over it, which a default max_new_tokens would not
     GenerationConfig(bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
-                     max_new_tokens=16, do_sample=False).save_pretrained(out)
+                     max_length=c.max_position_embeddings, do_sample=False).save_pretrained(out)
 
 
 def copy_files(names: list[str] | None, src: Path, out: Path) -> None:
@@ -50,20 +53,63 @@ def copy_files(names: list[str] | None, src: Path, out: Path) -> None:
             shutil.copyfile(f, out / f.name)
 
 
-def add_processor_auto_map(out: Path) -> bool:
-    """Point the copied processor_config.json at the shipped processor code (`AutoProcessor`).
-    Returns: whether the folder has a processor config to point."""
-    config_file = out / PROCESSOR_CONFIG
-    if not config_file.is_file():
-        return False
+def _read_json(path: Path, what: str) -> dict | None:
+    """A JSON object file of the processor folder; None if absent; ValueError naming the fix if not JSON."""
+    if not path.is_file():
+        return None
     try:
-        config = json.loads(config_file.read_text())
+        data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file.name} of the processor folder is not JSON ({e}); re-save the processor "
-                         "with MmoeProcessor.save_pretrained or `mmoe-ds prepare`.") from None
+        raise ValueError(f"{path.name} of the {what} is not JSON ({e}); re-save the processor with "
+                         "MmoeProcessor.save_pretrained or `mmoe-ds prepare`.") from None
+    return data if isinstance(data, dict) else None
+
+
+def add_processor_auto_map(out: Path, max_length: int | None = None) -> bool:
+    """Point a processor_config.json saved into `out` at the shipped processor code (`AutoProcessor`;
+    `MmoeProcessor.save_pretrained` writes it already, this keeps older processor folders working) and,
+    with `max_length` (the model's max_position_embeddings), set it as the processor's and the
+    tokenizer's `model_max_length`. A tokenizer saved before the processor made it add <bos> (a
+    `bos_token`, a post-processor adding nothing) gets a `<bos> $A` template, so `tokenizer(text)` starts
+    as training did.
+    Returns: whether the folder has a processor config to point."""
+    config = _read_json(out / PROCESSOR_CONFIG, "processor folder")
+    if config is None:
+        return False
     config["auto_map"] = dict(config.get("auto_map") or {}, **PROCESSOR_AUTO_MAP)
-    config_file.write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
+    if max_length is not None:
+        config["model_max_length"] = max_length
+    (out / PROCESSOR_CONFIG).write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
+    tokenizer_config = _read_json(out / "tokenizer_config.json", "processor's tokenizer")
+    if max_length is not None and tokenizer_config is not None:
+        tokenizer_config["model_max_length"] = max_length
+        (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, sort_keys=True) + "\n")
+        bos = tokenizer_config.get("bos_token")
+        if isinstance(bos, str) and (out / "tokenizer.json").is_file():
+            _tokenizer_adds_bos(out / "tokenizer.json", bos)
     return True
+
+
+def _tokenizer_adds_bos(path: Path, bos: str) -> None:
+    """Give a tokenizer.json whose post-processor adds nothing (none, or transformers' template without
+    special tokens) the template `<bos> $A`, as `MmoeProcessor` does to the tokenizer it is given."""
+    from tokenizers import Tokenizer, processors
+
+    post = (_read_json(path, "processor's tokenizer") or {}).get("post_processor", {})
+    if not (post is None or (isinstance(post, dict) and post.get("type") == "TemplateProcessing"
+                             and not post.get("special_tokens"))):
+        return
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:  # the Rust library's errors are plain Exceptions
+        raise ValueError(f"{path.name} of the processor's tokenizer cannot be read ({e}); re-save the processor "
+                         "with MmoeProcessor.save_pretrained or `mmoe-ds prepare`.") from None
+    bos_id = tokenizer.token_to_id(bos)
+    if bos_id is None:
+        return
+    tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                                                             special_tokens=[(bos, bos_id)])
+    tokenizer.save(str(path))
 
 
 def save_export(model: MmoeForCausalLM, out: str | os.PathLike, meta: dict | None = None,
@@ -91,7 +137,7 @@ def save_export(model: MmoeForCausalLM, out: str | os.PathLike, meta: dict | Non
         write_model(model, tmp, max_shard_size)
         if processor_dir is not None:
             copy_files(None, Path(processor_dir), tmp)
-        write_code(tmp, with_processor=add_processor_auto_map(tmp))
+        write_code(tmp, with_processor=add_processor_auto_map(tmp, model.config.max_position_embeddings))
         report_md = None
         if report_dir is not None:
             copy_files(list(REPORT_FILES), Path(report_dir), tmp)
@@ -139,7 +185,7 @@ def main(argv: list[str]) -> int:
         parser.error(str(e))
     try:
         path = export(args.checkpoint, args.out, max_shard_size, args.license)
-    except UnsafeCheckpointError as e:  # a tampered or foreign checkpoint: one line, nothing written
+    except (UnsafeCheckpointError, IncompleteCheckpointError) as e:  # tampered, foreign or incomplete: one line
         print(f"mmoe-ds export: {e}", file=sys.stderr)
         return 2
     print(f"exported {args.checkpoint} -> {path}")

@@ -23,12 +23,17 @@ CODE_FILES = {
 OPTIONAL_CODE_FILES = {
     "model/vision.py": "vision.py",
 }
-# The processor's code, shipped when the export carries a processor.
+# The processor's code, shipped when the export carries a processor (and by `MmoeProcessor.save_pretrained`,
+# which needs the schema's own import, moe_config.py, too).
 PROCESSOR_CODE_FILES = {
     "data/processor.py": "processing_mmoe.py",
     "data/schema.py": "data_schema.py",
 }
-AUTO_MAP = {"AutoConfig": "configuration_mmoe.MmoeConfig", "AutoModelForCausalLM": "modeling_mmoe.MmoeForCausalLM"}
+PROCESSOR_DEPENDENCIES = {"moe/config.py": "moe_config.py"}
+# The causal LM is also the image-text-to-text model (images in, text out): registered for both, so
+# `pipeline("image-text-to-text", model=export, trust_remote_code=True)` finds it.
+AUTO_MAP = {"AutoConfig": "configuration_mmoe.MmoeConfig", "AutoModelForCausalLM": "modeling_mmoe.MmoeForCausalLM",
+            "AutoModelForImageTextToText": "modeling_mmoe.MmoeForCausalLM"}
 PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_mmoe.MmoeProcessor"}
 
 
@@ -46,6 +51,15 @@ def write_code(out: Path, with_processor: bool = False) -> None:
     """Write the flattened model code (and the processor's, if `with_processor`) into the folder `out`."""
     files = dict(CODE_FILES, **{src: dst for src, dst in OPTIONAL_CODE_FILES.items() if (PACKAGE / src).is_file()},
                  **(PROCESSOR_CODE_FILES if with_processor else {}))
+    _write_flat(out, files)
+
+
+def write_processor_code(out: Path) -> None:
+    """Write the processor's flattened code and what it imports (`MmoeProcessor.save_pretrained`)."""
+    _write_flat(out, dict(PROCESSOR_CODE_FILES, **PROCESSOR_DEPENDENCIES))
+
+
+def _write_flat(out: Path, files: dict[str, str]) -> None:
     for src, dst in files.items():
         text = (PACKAGE / src).read_text()
         flat = flatten_imports(text, src.startswith("moe/"), src.startswith("data/"))

@@ -96,13 +96,28 @@ class RotaryEmbedding(nn.Module):
         return result
 
     def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """positions [L] -> (cos, sin) [L, head_dim] in `dtype`."""
+        """positions [L] -> (cos, sin) [L, head_dim]; positions [B, L] -> [B, 1, L, head_dim] (per row,
+        broadcast over heads); in `dtype`."""
         length_dependent = self.rope_type in self.LENGTH_DEPENDENT and positions.numel()
-        seq_len = int(positions[-1]) + 1 if length_dependent else None
+        seq_len = int(positions.max()) + 1 if length_dependent else None
         inv_freq, scaling = self.inv_freq(positions.device, seq_len)
-        freqs = positions[:, None].float() * inv_freq[None]
+        freqs = positions[..., None].float() * inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
+        if emb.dim() == 3:
+            emb = emb[:, None]
         return (emb.cos() * scaling).to(dtype), (emb.sin() * scaling).to(dtype)
+
+
+def positions_from_mask(attention_mask: Tensor | None, past: int, length: int, device) -> Tensor:
+    """Position ids [B|1, length] of the tokens past..past+length-1: the step minus the row's leading
+    padding, so a left-padded prompt numbers its first real token 0 exactly as it would alone (padding
+    itself gets 0); right padding (training batches) leaves `arange` unchanged. `attention_mask`
+    [B, past + length] as `generate` keeps it (1 = token, 0 = padding), or None (no padding)."""
+    steps = torch.arange(past, past + length, device=device)[None]
+    if attention_mask is None:
+        return steps
+    leading = (attention_mask[:, -(past + length):].cumsum(-1) == 0).sum(-1, keepdim=True)
+    return (steps - leading.to(device)).clamp(min=0)
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -111,7 +126,7 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    """q [B, H, L, hd], k [B, KV, L, hd], cos/sin [L, hd]."""
+    """q [B, H, L, hd], k [B, KV, L, hd], cos/sin [L, hd] or [B, 1, L, hd]."""
     return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
 
 
@@ -156,6 +171,9 @@ def make_moe_block(config: MmoeConfig) -> nn.Module:
     if config.moe_backend == "deepspeed":
         # Imported by name: only training needs DeepSpeed, and an exported model (backend "torch")
         # ships without this module.
+        if config.router_config().moe_backend == "dropless":  # index dispatch on DeepSpeed's EP groups
+            dropless = importlib.import_module("mmoe_ds.moe.dropless")
+            return dropless.DroplessMoE(config.router_config(), config.hidden_size, config.moe_intermediate_size)
         ds_layer = importlib.import_module("mmoe_ds.moe.deepspeed_layer")
         return ds_layer.DeepSpeedMoE(config.router_config(), config.hidden_size, config.moe_intermediate_size)
     return TorchMoE(config.router_config(), config.hidden_size, config.moe_intermediate_size)
@@ -285,10 +303,14 @@ class MmoeModel(MmoePreTrainedModel):
         mask = mask[None, None]
         if attention_mask is not None:
             mask = mask & attention_mask[:, None, None, -(past + L):].bool()
+            # A left-padding query sees no key at all: let it see itself, so no attention kernel meets
+            # an all-masked row (NaN on some backends); real tokens never see padding keys.
+            diagonal = torch.ones(L, past + L, dtype=torch.bool, device=device).tril(past).triu(past)
+            mask = mask | (diagonal & ~mask.any(-1, keepdim=True))
         return mask
 
     def forward(self, input_ids, pixel_patches=None, attention_mask=None, modality_ids=None,
-                past_key_values=None, use_cache=None, pixel_values=None, **_):
+                past_key_values=None, use_cache=None, pixel_values=None, position_ids=None, **_):
         B, L = input_ids.shape
         if modality_ids is None:
             modality_ids = torch.where(input_ids == self.config.image_token_id, IMAGE, TEXT)
@@ -296,10 +318,15 @@ class MmoeModel(MmoePreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache()
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        if self.position_embed is not None and past + L > self.config.max_position_embeddings:
-            raise ValueError(f"sequence of {past + L} tokens exceeds max_position_embeddings="
-                             f"{self.config.max_position_embeddings}.")
-        positions = torch.arange(past, past + L, device=input_ids.device)
+        if position_ids is None:
+            positions = positions_from_mask(attention_mask, past, L, input_ids.device)
+        else:
+            positions = position_ids.to(device=input_ids.device, dtype=torch.long).reshape(-1, L)
+        limit = self.config.max_position_embeddings
+        # past + L bounds the positions; only past it are they read back (one host sync)
+        if self.position_embed is not None and past + L > limit and int(positions.max()) >= limit:
+            raise ValueError(f"position {int(positions.max())} is past max_position_embeddings={limit} (learned "
+                             f"position embeddings): shorten the prompt or generate fewer tokens.")
         h = self.embed(input_ids, pixel_patches, modality_ids, pixel_values)
         rotary = None
         if self.position_embed is not None:
@@ -335,11 +362,15 @@ class MmoeForCausalLM(MmoePreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids, pixel_patches=None, attention_mask=None, modality_ids=None, labels=None,
                 past_key_values=None, use_cache=None, output_router_logits=None, return_dict=True,
-                pixel_values=None, **kwargs):
+                pixel_values=None, position_ids=None, has_image=None, sample_kind=None, **kwargs):
+        """`position_ids` default to the attention mask's (left padding works, see `positions_from_mask`).
+        `has_image` and `sample_kind` are the processor's batch metadata (for data loaders and
+        metrics): accepted so that `model(**processor(...))` and `generate(**processor(...))` work,
+        and not used (the image positions are the `<image>` tokens)."""
         if past_key_values is None:
             past_key_values = kwargs.get("cache")  # transformers >= 5.2x names it `cache`
         hidden, moe_outputs, cache = self.model(input_ids, pixel_patches, attention_mask, modality_ids,
-                                                past_key_values, use_cache, pixel_values)
+                                                past_key_values, use_cache, pixel_values, position_ids)
         logits = self.lm_head(hidden)
         aux = torch.stack([m.aux_loss for m in moe_outputs]).mean() if moe_outputs else None
         loss = text_loss = image_loss = None
@@ -372,17 +403,39 @@ class MmoeForCausalLM(MmoePreTrainedModel, GenerationMixin):
         return F.mse_loss(predicted[next_is_image].float(), targets[:, 1:][next_is_image].float())
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
-                                      pixel_patches=None, use_cache=True, pixel_values=None, **kwargs):
+                                      pixel_patches=None, use_cache=True, pixel_values=None, position_ids=None,
+                                      **kwargs):
+        """Only the tokens the cache lacks, with their per-row positions (continuing each row's own
+        count under left padding); the image only while the prompt is fed. Everything else the
+        processor returned (`modality_ids` of the prompt, `has_image`, ...) is dropped: image positions
+        are recomputed from the `<image>` tokens."""
         past_key_values = past_key_values if past_key_values is not None else kwargs.get("cache")
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if past > 0:  # the cache holds the prompt (and its image): feed only new tokens
             input_ids = input_ids[:, past:]
             pixel_patches = pixel_values = None
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask, past, input_ids.shape[1], input_ids.device)
+        else:  # given by the caller for the prompt; generate extends them by one per step
+            position_ids = position_ids[..., -input_ids.shape[1]:]
         inputs = {"input_ids": input_ids, "past_key_values": past_key_values, "attention_mask": attention_mask,
-                  "pixel_patches": pixel_patches, "use_cache": use_cache}
+                  "pixel_patches": pixel_patches, "use_cache": use_cache, "position_ids": position_ids}
         if pixel_values is not None:
             inputs["pixel_values"] = pixel_values
         return inputs
+
+    def _validate_generated_length(self, generation_config, input_ids_length, *args, **kwargs):
+        """transformers' checks, plus: with learned position embeddings, refuse before the first
+        forward a generation that would run past `max_position_embeddings` (rather than failing
+        mid-generation); rotary models extrapolate, as in HF."""
+        super()._validate_generated_length(generation_config, input_ids_length, *args, **kwargs)
+        limit, max_length = self.config.max_position_embeddings, generation_config.max_length
+        if self.model.position_embed is not None and max_length is not None and max_length > limit:
+            room = limit - input_ids_length
+            fix = f"pass max_new_tokens <= {room}" if room > 0 else "shorten the prompt"
+            raise ValueError(f"generate: a prompt of {input_ids_length} tokens grows to {max_length} "
+                             f"(max_new_tokens={generation_config.max_new_tokens}) but this model has "
+                             f"max_position_embeddings={limit} (learned positions); {fix}.")
 
     @torch.no_grad()
     def caption_scores(self, input_ids, pixel_patches, attention_mask, labels, pixel_values=None) -> Tensor:

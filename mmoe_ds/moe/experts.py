@@ -9,6 +9,11 @@ per-expert weights and run them together instead of DeepSpeed's Python loop:
     (`torch.nn.functional.grouped_mm`, then `torch._grouped_mm`, then a per-expert loop).
 Neither reads anything back to the host while a grouped GEMM kernel applies; the loop fallback
 reads the group sizes once per call.
+
+Stacking reads `.weight` directly, which only plain `nn.Linear`s allow: a PEFT LoRA layer, an
+accelerate offload hook (weights on the meta device until the module is called) or any user hook
+needs the module itself to run. `calls_modules` tells the two apart on every call, and the experts
+then run one after another as modules over their rows (same numbers, see tests/test_experts.py).
 """
 from __future__ import annotations
 
@@ -30,6 +35,32 @@ class ExpertFFN(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def calls_modules(module: nn.Module, plain_types: tuple[type, ...] = (nn.Linear,)) -> bool:
+    """Whether `module` must be run by calling it (and its submodules) rather than by reading their weights.
+
+    True when any module in it is not exactly one of `plain_types` (a wrapper such as PEFT's
+    `lora.Linear`, a parametrized or quantised linear), is hooked (forward / backward hooks, an
+    accelerate `_hf_hook`, a `forward` replaced on the instance) or holds weights on the meta
+    device; also when global module hooks are registered. Checked on every forward (hooks come and
+    go), so it reads the modules' own dicts directly: a few microseconds per expert.
+    """
+    hooks = nn.modules.module
+    if hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks:
+        return True
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        d = m.__dict__
+        if (type(m) not in plain_types or d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"]
+                or d["_backward_pre_hooks"] or "_hf_hook" in d or "forward" in d):
+            return True
+        for p in d["_parameters"].values():
+            if p is not None and p.is_meta:
+                return True
+        stack.extend(d["_modules"].values())
+    return False
 
 
 def _grouped_mm_fn():
@@ -110,8 +141,15 @@ class LocalExperts(nn.Module):
         """[E, out, in] weights of projection `name` (w1, w2, w3) of all local experts (a copy)."""
         return torch.stack([getattr(e, name).weight for e in self.deepspeed_experts])
 
+    @property
+    def calls_modules(self) -> bool:
+        """Whether the experts must run as modules (wrapped, hooked or offloaded; see `calls_modules`)."""
+        return calls_modules(self, (LocalExperts, nn.ModuleList, ExpertFFN, nn.Linear))
+
     def forward(self, inputs: Tensor) -> Tensor:
         """DeepSpeed's contract: [groups, experts, capacity, d] in and out, empty slots are zeros."""
+        if self.calls_modules:
+            return self.forward_loop(inputs)
         G, E, C, d = inputs.shape
         x = inputs.transpose(0, 1).reshape(E, G * C, d)
         w1, w3, w2 = self.stacked("w1"), self.stacked("w3"), self.stacked("w2")
@@ -127,9 +165,10 @@ class LocalExperts(nn.Module):
     def forward_sorted(self, x: Tensor, tokens_per_expert: Tensor, use_grouped: bool = True) -> Tensor:
         """Dropless: rows of x sorted by expert, `tokens_per_expert` [E] rows each (summing to len(x)).
 
-        `use_grouped=False` is the reference: each expert module over its rows.
+        `use_grouped=False` is the reference: each expert module over its rows; it is also the path
+        taken whenever the experts must run as modules (`calls_modules`).
         """
-        if not use_grouped:
+        if not use_grouped or self.calls_modules:
             sizes = tokens_per_expert.tolist()
             return torch.cat([e(c) for c, e in zip(x.split(sizes), self.deepspeed_experts)])
         w1, w3, w2 = self.stacked("w1"), self.stacked("w3"), self.stacked("w2")

@@ -69,7 +69,7 @@ class TorchMoE(nn.Module):
 
     def forward(self, hidden_states: Tensor, modality_ids: Tensor) -> MoEOutput:
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
-        routing = self.deepspeed_moe.gate.route(x, modality_ids)
+        routing = self.deepspeed_moe.gate(x, modality_ids)  # a module call: hooks and offload see it
         cfg = self.cfg
         every_route_kept = not cfg.drop_tokens and len(set(cfg.top_k_per_modality)) == 1
         out = combine_routes(x, routing, self.deepspeed_moe.experts, self.use_grouped,
