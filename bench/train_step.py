@@ -1,7 +1,12 @@
-"""Training throughput and MFU of a recipe's model on one device (pure-torch MoE, no DeepSpeed).
+"""Training throughput and MFU of a recipe's model on one device.
 
     python bench/train_step.py                                   # GPU: recipes/gpu_node.json, bf16
+    python bench/train_step.py --moe-backend dropless            # the same model with DroplessMoE blocks
     python bench/train_step.py --device cpu --dtype float32 --recipe recipes/demo_cpu.json --steps 5   # smoke
+
+`--moe-backend`: "torch" (TorchMoE, no DeepSpeed; the recipe's routing), "deepspeed" (DeepSpeed's
+MOELayer at ep_size 1, the recipe's capacity) or "dropless" (DroplessMoE at ep_size 1, the
+recipe's routing with drop_tokens=false); the DeepSpeed-based ones initialise a 1-process group.
 
 Synthetic batches with the recipe's modality mix (image+text, text-only, image-only rows at
 max_length). MFU = model FLOPs per token x tokens/s / peak, with model FLOPs = 6 x active
@@ -45,10 +50,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--moe-backend", choices=["torch", "deepspeed", "dropless"], default="torch")
     args = parser.parse_args()
     recipe = Recipe.load(args.recipe)
-    config = MmoeConfig(**recipe.model, vocab_size=args.vocab)
+    model_kwargs = dict(recipe.model, vocab_size=args.vocab)
+    if args.moe_backend != "torch":
+        from moe_layer import init_distributed  # bench/ is on sys.path when this script runs
+
+        init_distributed(args.device)
+        model_kwargs.update(moe_backend="deepspeed", ep_size=1)
+        if args.moe_backend == "dropless":
+            model_kwargs["router"] = dict(model_kwargs.get("router", {}), moe_backend="dropless", drop_tokens=False)
+    config = MmoeConfig(**model_kwargs)
     model = MmoeForCausalLM(config).to(args.device, getattr(torch, args.dtype))
+    for module in model.modules():
+        if hasattr(module, "set_deepspeed_parallelism"):  # what deepspeed.initialize does for MoE layers
+            module.set_deepspeed_parallelism()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=args.device == "cuda")
     B, L, P = recipe.micro_batch_size, recipe.data.max_length, config.num_patches
     ids = torch.randint(4, args.vocab, (B, L), device=args.device)
@@ -78,10 +95,12 @@ def main() -> None:
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in device), None)
     mfu = flops_per_token * tokens_s / (peak * 1e12) if peak else None
     total = sum(p.numel() for p in model.parameters())
+    print(f"moe backend: {args.moe_backend}")
     print(f"{'recipe':<24} {'params (M)':>10} {'active (M)':>10} {'step ms':>8} {'tokens/s':>10} {'MFU':>6}")
     print(f"{args.recipe:<24} {total / 1e6:>10.1f} {active_params(model, config) / 1e6:>10.1f} {step_s * 1e3:>8.1f} "
           f"{tokens_s:>10.0f} {mfu if mfu is not None else float('nan'):>6.1%}")
-    print(json.dumps({"bench": "train_step", "recipe": args.recipe, "device": device, "dtype": args.dtype,
+    print(json.dumps({"bench": "train_step", "recipe": args.recipe, "moe_backend": args.moe_backend,
+                      "device": device, "dtype": args.dtype,
                       "params": total, "step_ms": step_s * 1e3, "tokens_per_s": tokens_s, "mfu": mfu,
                       "torch": torch.__version__}))
 

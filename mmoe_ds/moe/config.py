@@ -7,13 +7,16 @@ all modalities or a mapping `{modality name: value}`. Everything is checked once
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Mapping, Union
 
 # Modality ids index this tuple everywhere (per-token ids: 0 = image patch, 1 = text).
 MODALITIES = ("image", "text")
 ROUTING_MODES = ("agnostic", "modality_bias", "masked_pools", "separate_routers")
 DROP_POLICIES = ("probs", "position", "random")
+# The expert-parallel layer a DeepSpeed-trained model uses: DeepSpeed's MOELayer (capacity buffers) or
+# `mmoe_ds.moe.dropless.DroplessMoE` (index dispatch with variable all-to-all splits, no capacity).
+MOE_BACKENDS = ("deepspeed", "dropless")
 
 PerModality = Union[int, float, Mapping[str, Union[int, float]]]
 
@@ -61,6 +64,8 @@ class RouterConfig:
     jitter_eps: float = 0.0
     modality_bias_init_std: float = 0.0
     ep_size: int = 1
+    # Which expert-parallel layer trains this router (see MOE_BACKENDS); inference and exports ignore it.
+    moe_backend: str = "deepspeed"
     # Auxiliary losses: each is added with its own coefficient (0 disables it).
     load_balance_coef: float = 0.01
     modality_load_balance_coef: float = 0.0
@@ -73,7 +78,9 @@ class RouterConfig:
     min_utilization_coef: float = 0.0
     min_utilization: float = 0.5  # fraction of the uniform share 1/num_experts
     matched_utilization_coef: float = 0.0
-    matched_utilization_target: dict[str, list[float]] | None = None
+    # {modality: [p(e) per expert]} for every MoE layer, or {modality: [[p(e) per expert] per MoE layer]}
+    # (one target per layer, in layer order; `for_moe_layer` picks a layer's).
+    matched_utilization_target: dict[str, list] | None = None
 
     # Derived, filled by __post_init__ (not constructor arguments).
     top_k_per_modality: tuple[int, ...] = field(init=False, repr=False)
@@ -87,6 +94,11 @@ class RouterConfig:
             raise ValueError(f"RouterConfig.mode: unknown mode {self.mode!r}; choose one of {list(ROUTING_MODES)}.")
         if self.drop_policy not in DROP_POLICIES:
             raise ValueError(f"RouterConfig.drop_policy: {self.drop_policy!r} is not one of {list(DROP_POLICIES)}.")
+        if self.moe_backend not in MOE_BACKENDS:
+            raise ValueError(f"RouterConfig.moe_backend: {self.moe_backend!r} is not one of {list(MOE_BACKENDS)}.")
+        if self.moe_backend == "dropless" and self.drop_tokens:
+            raise ValueError("RouterConfig.moe_backend='dropless' keeps every route; set drop_tokens=false (capacity "
+                             "factors are then unused) or use moe_backend='deepspeed' for capacity limits.")
         if len(self.modalities) < 1 or len(set(self.modalities)) != len(self.modalities):
             raise ValueError(f"RouterConfig.modalities: need distinct names, got {list(self.modalities)}.")
         if not isinstance(self.num_experts, int) or self.num_experts < 1:
@@ -152,10 +164,37 @@ class RouterConfig:
         if not target or set(target) != set(self.modalities):
             raise ValueError("RouterConfig.matched_utilization_target: with matched_utilization_coef > 0 give a "
                              f"distribution over the {self.num_experts} experts for each of {list(self.modalities)}.")
-        for m, dist in target.items():
-            if len(dist) != self.num_experts or min(dist) < 0 or not math.isclose(sum(dist), 1.0, abs_tol=1e-4):
-                raise ValueError(f"RouterConfig.matched_utilization_target[{m!r}]: needs {self.num_experts} "
-                                 f"non-negative numbers summing to 1.")
+        layers = {len(v) if v and isinstance(v[0], (list, tuple)) else None for v in target.values()}
+        if len(layers) != 1:
+            raise ValueError("RouterConfig.matched_utilization_target: give every modality one distribution, or "
+                             "every modality the same number of per-layer distributions.")
+        for m, value in target.items():
+            for dist in (value if self.matched_targets_per_layer else [value]):
+                if (len(dist) != self.num_experts or min(dist) < 0
+                        or not math.isclose(sum(dist), 1.0, abs_tol=1e-4)):
+                    raise ValueError(f"RouterConfig.matched_utilization_target[{m!r}]: needs {self.num_experts} "
+                                     f"non-negative numbers summing to 1 (per MoE layer when given per layer).")
+
+    @property
+    def matched_targets_per_layer(self) -> int:
+        """How many per-layer matched targets the config holds (0: one target for every layer)."""
+        target = self.matched_utilization_target
+        if not self.matched_utilization_coef or not target:
+            return 0
+        first = next(iter(target.values()))
+        return len(first) if first and isinstance(first[0], (list, tuple)) else 0
+
+    def for_moe_layer(self, index: int, num_moe_layers: int) -> "RouterConfig":
+        """This config for the `index`-th of `num_moe_layers` MoE layers: its own matched target when
+        targets are given per layer (the same config otherwise)."""
+        n = self.matched_targets_per_layer
+        if not n:
+            return self
+        if n != num_moe_layers:
+            raise ValueError(f"RouterConfig.matched_utilization_target: {n} per-layer targets for a model with "
+                             f"{num_moe_layers} MoE layers; give one per MoE layer.")
+        return replace(self, matched_utilization_target={m: list(v[index]) for m, v in
+                                                         self.matched_utilization_target.items()})
 
     @property
     def num_modalities(self) -> int:
