@@ -64,6 +64,7 @@ def load_and_validate(args) -> tuple[Recipe, dict, int, DataCheck]:
     data_check = check_data(recipe.data, world_size)
     if not data_check.ok:
         raise ConfigError(f"{recipe.path}: " + "; ".join(data_check.problems))
+    check_data_fits_model(recipe, must_exist=not getattr(args, "check", False))
     if init_note:
         data_check.summary += f"; {init_note}"
     return recipe, ds_config, world_size, data_check
@@ -124,6 +125,33 @@ def check_init_from(recipe: Recipe, must_exist: bool = True) -> str:
             f"{processor})")
 
 
+def check_data_fits_model(recipe: Recipe, must_exist: bool = True) -> None:
+    """The data against the model, by the calls the launch makes (so `--check` cannot pass what the
+    launch refuses): the processor loaded with data.max_length (its image tokens must fit), the model
+    config built from it (vocabulary, channels, patch size), and an init_from model's fit
+    (`check_processor_fits`). Nothing to check while data.dir is still to be built (the embedded
+    default, checked again at launch). Raises ConfigError naming the field and the fix."""
+    from .init_from import read_init_source
+    from .model import MmoeConfig
+    from .recipe_data import load_processor, processor_model_kwargs
+
+    if not (Path(recipe.data.dir) / "manifest.json").is_file():
+        return
+    t = recipe.train
+    there = t.init_from and (must_exist or (Path(t.init_from) / "config.json").is_file())
+    source = read_init_source(t.init_from, need_weights=must_exist) if there else None
+    processor = load_processor(recipe.data, source.path if source is not None and source.has_processor else None)
+    kwargs = init_model_kwargs(recipe, source) if source is not None else processor_model_kwargs(recipe.model,
+                                                                                                  processor)
+    try:
+        config = MmoeConfig(**kwargs, moe_backend="torch", ep_size=t.expert_parallel_size)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{recipe.path}: the model built from the recipe and the data's processor "
+                          f"({recipe.data.dir}/processor) is invalid: {e}") from None
+    if source is not None:
+        check_processor_fits(processor, config, source)
+
+
 def check_processor_fits(processor, config, source) -> None:
     """The processor a run encodes with must fit the init_from model: every token id within its
     vocabulary, the same <image> id and (patch models) the same image geometry. Raises ConfigError."""
@@ -143,6 +171,48 @@ def check_processor_fits(processor, config, source) -> None:
     if problems:
         raise ConfigError(f"{where}: {whose} does not fit the model ({'; '.join(problems)}); save the processor the "
                           f"model was trained with into the folder (mmoe-ds export does) or prepare the data with it.")
+
+
+def bind_moe_layers(model) -> None:
+    """Give each router its own layer's config (per-layer matched-utilization targets; a no-op otherwise).
+    Routers are numbered in module order, which is layer order."""
+    from .moe.router import ModalityRouter
+
+    routers = [m for m in model.modules() if isinstance(m, ModalityRouter)]
+    for i, router in enumerate(routers):
+        router.cfg = router.cfg.for_moe_layer(i, len(routers))
+
+
+def optimizer_groups(model, trainable: list, param_groups: list[dict], ds_config: dict, ep_rank: int, ep_size: int,
+                     local_experts: int) -> list:
+    """What `deepspeed.initialize` gets as model_parameters: the trainable parameters, or with
+    `train.param_groups` one group per entry at lr × its multiplier (DeepSpeed's schedulers scale each
+    group's own lr, and its MoE split keeps a group's keys) plus the rest at the config's lr."""
+    if not param_groups:
+        return trainable
+    from .init_from import all_ranks_names, global_names, match
+
+    lr = (ds_config.get("optimizer") or {}).get("params", {}).get("lr")
+    if lr is None:
+        raise ConfigError("train.param_groups needs the DeepSpeed config's optimizer.params.lr (the base rate the "
+                          "multipliers scale); set it there or remove train.param_groups.")
+    names = global_names(model, ep_rank, local_experts)
+    everything = all_ranks_names(model, ep_size, local_experts)
+    ids = {id(p) for p in trainable}
+    taken: dict[str, int] = {}
+    groups = []
+    for i, g in enumerate(param_groups):
+        picked = [n for n in match(names, g["params"], f"train.param_groups[{i}].params", everything)
+                  if id(names[n]) in ids]
+        for n in picked:
+            if n in taken:
+                raise ConfigError(f"train.param_groups[{i}] and [{taken[n]}] both match {n}; a parameter belongs to "
+                                  f"one group: narrow the patterns.")
+            taken[n] = i
+        groups.append({"params": [names[n] for n in picked], "name": f"param_group_{i}",
+                       "lr": float(lr) * float(g["lr_multiplier"])})
+    rest = [p for n, p in names.items() if n not in taken and id(p) in ids]
+    return [{"params": rest, "name": "dense-params"}] + [g for g in groups if g["params"]]
 
 
 class Trainer:
@@ -190,6 +260,7 @@ class Trainer:
         if source is not None:
             check_processor_fits(self.processor, self.model_config, source)
         model = MmoeForCausalLM(self.model_config)
+        bind_moe_layers(model)
         ep = t.expert_parallel_size
         ep_rank, local_experts = self.rank % ep, self.model_config.num_local_experts // ep
         if source is not None and checkpoint.latest_tag(checkpoint.checkpoint_dir(self.out)) is None:
@@ -206,7 +277,8 @@ class Trainer:
                      f"parameters on rank 0 ({len(frozen)} tensors frozen by train.freeze)")
         # Frozen parameters stay out of the optimizer: no state, no update (DeepSpeed's ZeRO 1/2 and its
         # expert / non-expert groups only see these).
-        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=self.ds_config)
+        groups = optimizer_groups(model, trainable, t.param_groups, self.ds_config, ep_rank, ep, local_experts)
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=self.ds_config)
         self.device = self.engine.device
         self.metrics = MetricsWriter(self.out / "metrics.jsonl", enabled=self.rank == 0,
                                      monitor=getattr(self.engine, "monitor", None))
@@ -221,7 +293,7 @@ class Trainer:
                 self.loader.load_state_dict(rank_state["loader"])
                 checkpoint.set_rng_state(rank_state["rng"])
             self.log(f"resumed from step {self.start_step} (written at ep_size={meta['ep_size']})")
-            self.metrics.truncate_after(self.start_step)
+        self.metrics.restart(self.start_step)  # a restart without a checkpoint starts metrics.jsonl anew
 
     def model_kwargs(self, source) -> dict:
         """MmoeConfig arguments: the init_from folder's (with the recipe's overrides), or the recipe's
@@ -414,7 +486,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         ds_path = deepspeed_config_path(args.deepspeed_config)
         print(f"configuration OK: {args.recipe} + {ds_path} on {world_size} processes; {data_check.summary}")
-        return print_plan(recipe, ds_config, world_size, args.gpu_memory)
+        from .plan import print_plan
+
+        return print_plan(recipe, ds_config, world_size, args.gpu_memory, "mmoe-ds train", not_yet_ok=True)
     trainer = Trainer(recipe, ds_config, world_size)
     try:
         trainer.setup()
@@ -432,22 +506,3 @@ if __name__ == "__main__":
     # Tear gloo down before the interpreter does (mmoe_ds/teardown.py; issue 11 item 8): the
     # engine's process groups outlive main() through hooks held in C++.
     exit_process(main())
-def print_plan(recipe: Recipe, ds_config: dict, world_size: int, gpu_memory: str | None) -> int:
-    """`--check`'s memory and FLOPs plan (mmoe_ds/plan.py): 0, or 2 when it cannot fit `gpu_memory`."""
-    from .plan import parse_bytes, plan_recipe
-
-    try:
-        plan, why = plan_recipe(recipe, ds_config, world_size, parse_bytes(gpu_memory) if gpu_memory else None)
-    except ConfigError as e:
-        print(f"mmoe-ds train: configuration error: {e}", file=sys.stderr)
-        return 2
-    if plan is None:
-        print(why)
-        return 0
-    print(plan.table())
-    if not plan.fits():
-        print(f"mmoe-ds train: configuration error: does not fit: {plan.refusal()}", file=sys.stderr)
-        return 2
-    return 0
-
-

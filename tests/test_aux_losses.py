@@ -56,9 +56,13 @@ def test_agnostic_regularizers_by_hand():
     # u/E = 0.25; only expert 1 is short, by 0.15; times E
     assert L.min_utilization(p, 0.5).item() == pytest.approx(0.3)
     target = torch.tensor([[0.5, 0.5], [0.5, 0.5]])
-    total, per = L.matched_utilization(p, torch.tensor([0, 0]), target)
-    kl = 0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)
-    assert per.tolist() == pytest.approx([kl, 0.0]) and total.item() == pytest.approx(kl)
+    # both image tokens route to expert 0 (top-1): f_image = [1, 0], TV to [0.5, 0.5] = 0.5 (text absent: 0)
+    p = p.clone().requires_grad_(True)
+    total, per = L.matched_utilization(p, torch.tensor([[0], [0]]), torch.tensor([1, 1]), torch.tensor([0, 0]), target)
+    assert per.tolist() == pytest.approx([0.5, 0.0]) and total.item() == pytest.approx(0.5)
+    # straight-through gradient: d TV / d mean p = 0.5 * sign(f - target), shared by the 2 tokens
+    total.backward()
+    assert p.grad.flatten().tolist() == pytest.approx([0.25, -0.25, 0.25, -0.25])
 
 
 def _all_losses_cfg(**kw):
@@ -109,7 +113,8 @@ def test_per_modality_losses_ignore_other_modalities_tokens():
          L.modality_load_balance(probs2, chosen2, k2, mod2, torch.tensor([4.0, 4.0]))[1]),
         (L.local_entropy(probs, image, 2)[1], L.local_entropy(probs2, mod2, 2)[1]),
         (L.global_entropy(probs, image, torch.tensor([1.3, 1.3]))[1], L.global_entropy(probs2, mod2, torch.tensor([1.3, 1.3]))[1]),
-        (L.matched_utilization(probs, image, target)[1], L.matched_utilization(probs2, mod2, target)[1]),
+        (L.matched_utilization(probs, chosen, k, image, target)[1],
+         L.matched_utilization(probs2, chosen2, k2, mod2, target)[1]),
     ]
     for alone, mixed in pairs:
         assert mixed[0].item() == pytest.approx(alone[0].item(), rel=1e-6)

@@ -53,46 +53,63 @@ def check_common(results: dict, folder: Path, pngs: list[str]) -> None:
     assert md.startswith(f"## {results['experiment'].upper()}:") and "(1 seed: no interval, no conclusion)" in md
 
 
-def test_e1_trains_the_matched_2x2_with_a_target_measured_from_the_aware_run(e1, out):
+def test_e1_trains_every_cell_with_per_layer_targets_measured_from_the_aware_run(e1, out):
+    from mmoe_ds.experiments import e1_matched as E1
+
     check_common(e1, out / "e1_matched", ["e1_matched.png"])
     labels = [row["label"] for row in e1["tables"][0]["rows"]]
-    assert labels == [f"{r}, emb {e}" for e in ("on", "off") for r in
-                      ("aware", "agnostic", "agnostic + matched loss", "aware + matched loss")]
-    assert e1["runs_launched"] == 8 and e1["runs_reused"] == 0
-    for emb in ("on", "off"):
-        aware = out / e1["runs"][f"aware, emb {emb}"]["0"]["dir"]
-        records = [json.loads(line) for line in (aware / "metrics.jsonl").read_text().splitlines()]
-        last = [r for r in records if r["kind"] == "train"][-1]  # 2 windows; the last 20% of them is the last one
-        routed = last["routing"][0]  # tiny: one MoE layer
-        expected = {m: np.array(routed[m]["routed_per_expert"]) / sum(routed[m]["routed_per_expert"])
-                    for m in ("image", "text")}
-        target = e1["targets"][f"emb {emb}/seed 0"]
-        for m in ("image", "text"):
-            assert target[m] == pytest.approx(expected[m].tolist(), abs=1e-6)
-        for cell in ("agnostic + matched loss", "aware + matched loss"):
-            recipe = json.loads((out / e1["runs"][f"{cell}, emb {emb}"]["0"]["dir"] / "recipe.json").read_text())
-            assert recipe["model"]["router"]["matched_utilization_target"] == target
-            assert recipe["model"]["router"]["matched_utilization_coef"] == 0.05
-            assert recipe["model"].get("modality_embedding", True) is (emb == "on")
+    assert labels == [f"{c.label} (n=1)" for c in E1.CELLS]
+    # 6 cells + the size sweep's other size (2 cells) + the covariance data (3 cells)
+    assert e1["runs_launched"] == 6 + 2 + 3 and e1["runs_reused"] == 0
+    for suffix in ("", " [size wide]", " [covariance data]"):
+        aware = out / e1["runs"][E1.AWARE.label + suffix]["0"]["dir"]
+        agnostic = out / e1["runs"][E1.AGNOSTIC.label + suffix]["0"]["dir"] if suffix != " [size wide]" else None
+
+        def last_routing(folder):
+            records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+            return [r for r in records if r["kind"] == "train"][-1]["routing"]  # the last 20% of 2 windows
+
+        expected = {m: [(np.array(layer[m]["routed_per_expert"]) / sum(layer[m]["routed_per_expert"])).tolist()
+                        for layer in last_routing(aware)] for m in ("image", "text")}
+        recipe = json.loads((out / e1["runs"][E1.AGNOSTIC_MATCHED.label + suffix]["0"]["dir"] / "recipe.json").read_text())
+        target = recipe["model"]["router"]["matched_utilization_target"]
+        for m in ("image", "text"):  # the target is the aware run's routing, layer by layer
+            assert len(target[m]) == len(expected[m])
+            for got, want in zip(target[m], expected[m]):
+                assert got == pytest.approx(want, abs=1e-6)
+        if agnostic is not None:  # ... and not the agnostic run's (unless they happen to agree)
+            other = [layer["image"]["routed_per_expert"] for layer in last_routing(agnostic)]
+            mine = [layer["image"]["routed_per_expert"] for layer in last_routing(aware)]
+            if other != mine:
+                assert target["image"] != [(np.array(o) / sum(o)).tolist() for o in other]
+        assert recipe["model"]["router"]["matched_utilization_coef"] == 0.2
+    recipe = json.loads((out / e1["runs"][E1.AWARE_MATCHED.label]["0"]["dir"] / "recipe.json").read_text())
+    assert recipe["model"]["router"]["matched_utilization_target"] == e1["targets"]["seed 0"]
+    cov = json.loads((out / e1["runs"][E1.AWARE.label + " [covariance data]"]["0"]["dir"] / "recipe.json").read_text())
+    assert cov["model"]["modality_embedding"] is False and cov["model"]["position_embedding_type"] == "rope"
+    assert [row["seed"] for row in e1["matched"]] == [0, 0]
+    assert e1["contrasts"][0]["primary"] and e1["contrasts"][0]["metric"] == "caption loss"
     for cell in e1["runs"].values():
         m = cell["0"]["metrics"]
         assert 0 <= m["tv"] <= 1 and 0 <= m["caption_rank_acc"] <= 1 and math.isfinite(m["caption_loss"])
+        assert m["chance_caption_loss"] == pytest.approx(math.log(m["chance_text_ppl"]))
 
 
 def test_e1_run_again_reuses_every_run(e1, out, scale):
     again = run_experiment("e1", [0], scale, out, quiet=True)
-    assert again["runs_launched"] == 0 and again["runs_reused"] == 8
+    assert again["runs_launched"] == 0 and again["runs_reused"] == 11
     assert again["runs"] == e1["runs"]
 
 
-def test_e2_one_long_agnostic_run_measured_at_each_multiple(e1, out, scale):
+def test_e2_measures_routing_patterns_of_two_long_runs_at_each_multiple(e1, out, scale):
     r = run_experiment("e2", [0], scale, out, quiet=True)
     check_common(r, out / "e2_convergence", ["e2_convergence.png"])
-    assert r["runs_launched"] == 1 and r["runs_reused"] == 2  # E1's aware and agnostic runs
-    assert sorted(int(k) for k in r["curves"]["tv"]) == list(range(1, 11))
-    assert [row["label"].split(" (")[0] for row in r["tables"][0]["rows"]][2:] == \
-           ["agnostic at 1×", "agnostic at 5×", "agnostic at 10×"]
-    assert len(r["findings"]) == 3 and all(("reaches" in f) or ("not within 10×" in f) for f in r["findings"])
+    assert r["runs_launched"] == 2 and r["runs_reused"] == 1  # the long runs; E1's aware run
+    assert sorted(int(k) for k in r["curves"]["dist_same_step"]) == [1, 2, 5, 10]
+    assert [row["label"].split(" (")[0] for row in r["tables"][0]["rows"]] == ["1×", "2×", "5×", "10×"]
+    for N, by_seed in r["curves"]["dist_same_step"].items():
+        assert 0 <= by_seed["0"] <= 1
+    assert r["contrasts"][0]["primary"]
 
 
 def test_e6_flips_the_batch_mix(e1, out, scale):
@@ -136,3 +153,24 @@ def test_cli_refuses_bad_seeds_in_one_line(capsys):
         experiments_main(["e1", "--seeds", "0,x"])
     err = capsys.readouterr().err
     assert "expected comma-separated integers like 0,1,2" in err and "Traceback" not in err
+
+
+def test_docs_open_with_what_e1_shows_and_rewrite_the_readme_block(e1, out, tmp_path):
+    from mmoe_ds.experiments import docs
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n\nintro\n{docs.README_START}\nold text\n{docs.README_END}\nafter\n")
+    doc = docs.write_document(out, tmp_path / "docs" / "experiments.md", readme)
+    text = doc.read_text()
+    lines = docs.summary_lines(docs.load_results(out))
+    assert text.index("## What the results show and do not show at this scale") < text.index("## E1:")
+    assert "\n".join(lines) in text
+    block = readme.read_text()
+    assert block.startswith("# x\n\nintro\n" + docs.README_START) and block.endswith(docs.README_END + "\nafter\n")
+    assert "old text" not in block and "\n".join(lines) in block
+    assert "Does the aware router specialize?" in lines[1]
+    key = e1["key"]
+    assert docs.fmt_summary(key["aware_tv"]) in lines[1] and docs.fmt_summary(key["aware_pmb_tv"]) in lines[1]
+    # regenerating from the same results gives the same bytes
+    first = text
+    assert docs.write_document(out, tmp_path / "docs" / "experiments.md", readme).read_text() == first

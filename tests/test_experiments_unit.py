@@ -11,7 +11,6 @@ import pytest
 
 from mmoe_ds.experiments import docs
 from mmoe_ds.experiments.e1_matched import derive_matched_target
-from mmoe_ds.experiments.e2_convergence import first_match, match_sentence
 from mmoe_ds.experiments.e3_function import expand_router
 from mmoe_ds.experiments.e5_transfer import js_bits
 from mmoe_ds.experiments.e6_audit import mixes
@@ -19,30 +18,32 @@ from mmoe_ds.experiments.runner import contrast, deep_merge, summarize
 
 
 # -- target derivation ---------------------------------------------------------------------------
-def test_target_of_one_layer_is_its_normalised_counts():
-    target = derive_matched_target([np.array([[6, 2, 2, 0], [1, 1, 3, 5]])])
-    assert target == {"image": [0.6, 0.2, 0.2, 0.0], "text": [0.1, 0.1, 0.3, 0.5]}
-
-
-def test_target_aligns_expert_labels_across_layers_before_averaging():
-    layer0 = np.array([[5, 3, 2, 0], [0, 2, 3, 5]])  # image .5 .3 .2 0 / text 0 .2 .3 .5
-    layer1 = np.array([[0, 2, 2, 6], [4, 4, 2, 0]])  # the same pattern with the expert labels reversed
-    target = derive_matched_target([layer0, layer1])
-    # reversed layer 1: image .6 .2 .2 0, text 0 .2 .4 .4; mean with layer 0:
-    assert target["image"] == pytest.approx([0.55, 0.25, 0.2, 0.0], abs=1e-9)
-    assert target["text"] == pytest.approx([0.0, 0.2, 0.35, 0.45], abs=1e-9)
-    # without alignment the mean would be image .25 .25 .2 .3: the specialization would be averaged away
+def test_target_is_each_layers_normalised_counts():
+    target = derive_matched_target([np.array([[6, 2, 2, 0], [1, 1, 3, 5]]), np.array([[0, 2, 2, 6], [4, 4, 2, 0]])])
+    assert target == {"image": [[0.6, 0.2, 0.2, 0.0], [0.0, 0.2, 0.2, 0.6]],
+                      "text": [[0.1, 0.1, 0.3, 0.5], [0.4, 0.4, 0.2, 0.0]]}
 
 
 def test_target_sums_to_one_after_rounding():
     target = derive_matched_target([np.array([[1, 1, 1], [2, 1, 1]])])  # thirds: rounding leaves 0.999999
-    assert sum(target["image"]) == pytest.approx(1.0, abs=1e-12)
-    assert sum(target["text"]) == pytest.approx(1.0, abs=1e-12)
+    assert sum(target["image"][0]) == pytest.approx(1.0, abs=1e-12)
+    assert sum(target["text"][0]) == pytest.approx(1.0, abs=1e-12)
 
 
 def test_target_refuses_a_layer_without_routes_for_a_modality():
     with pytest.raises(ValueError, match="routes for every modality"):
         derive_matched_target([np.array([[1, 2, 3, 4], [0, 0, 0, 0]])])
+
+
+def test_pattern_distance_ignores_expert_labels():
+    from mmoe_ds.experiments.e2_convergence import pattern_distance
+
+    a = [np.array([[0.5, 0.3, 0.2, 0.0], [0.0, 0.2, 0.3, 0.5]])]
+    b = [a[0][:, ::-1].copy()]  # the same routing, experts relabelled
+    assert pattern_distance(a, b) == pytest.approx(0.0)
+    c = [np.full((2, 4), 0.25)]
+    # uniform vs a: TV image = .5(.25+.05+.05+.25) = .3, text the same
+    assert pattern_distance(a, c) == pytest.approx(0.3)
 
 
 # -- recipes -------------------------------------------------------------------------------------
@@ -84,15 +85,6 @@ def test_js_divergence_bits():
     assert js_bits([1, 0], [0.5, 0.5]) == pytest.approx(expected)
 
 
-def test_first_match_and_its_sentence():
-    curve = {1: 0.10, 2: 0.20, 5: 0.31, 10: 0.29}
-    assert first_match(curve, 0.30) == 5
-    assert first_match(curve, 0.50) is None
-    assert "at 5× = 1500 steps" in match_sentence("routing TV", curve, 0.30, 300)
-    assert "not within 10×" in match_sentence("routing TV", curve, 0.50, 300)
-    assert "best mean is 0.310 at 5×" in match_sentence("routing TV", curve, 0.50, 300)
-
-
 def test_summarize_gives_a_t_interval_and_none_for_one_seed():
     s = summarize([1.0, 2.0, 3.0])
     assert s["mean"] == 2.0 and s["n"] == 3
@@ -108,7 +100,8 @@ def fabricated(values_a, values_b, acc_values) -> dict:
             "runs_launched": 5, "runs_reused": 7, "run_minutes": 42.25,
             "tables": [{"title": "T", "row_header": "cell", "columns": [["acc", "accuracy"]],
                         "rows": [{"label": "aware", "cells": {"acc": summarize(acc_values)}}]}],
-            "contrasts": [contrast("Aware vs matched", "accuracy", "aware", values_a, "matched", values_b)],
+            "contrasts": [contrast("Aware vs matched", "accuracy", "aware", dict(enumerate(values_a)), "matched",
+                                   dict(enumerate(values_b)))],
             "plots": [{"file": "e1_matched.png", "caption": "the plot"}], "caveats": ["small model"]}
 
 
@@ -165,3 +158,14 @@ def test_retention_is_a_ratio_only_when_there_is_something_to_retain():
 
     assert "keeps 0.50 of its I(M;E) on B (0.150 of 0.300 bits" in retention_sentence([0.2, 0.4], [0.1, 0.2])
     assert "retention is not meaningful; on B it is 0.256 bits" in retention_sentence([0.01, 0.02], [0.256, 0.256])
+
+
+def test_committed_docs_and_readme_block_regenerate_from_the_committed_results():
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out, doc = repo / "runs" / "experiments", repo / "docs" / "experiments.md"
+    assert docs.render_document(out, doc) == doc.read_text(), "rerun: python -m mmoe_ds.experiments docs"
+    readme = (repo / "README.md").read_text()
+    block = readme.split(docs.README_START, 1)[1].split(docs.README_END, 1)[0]
+    assert "\n".join(docs.summary_lines(docs.load_results(out))) in block, "rerun: python -m mmoe_ds.experiments docs"

@@ -1,15 +1,21 @@
 """The review's experiments, one command each:
 
     python -m mmoe_ds.experiments NAME [--seeds 0,1,2] [--scale tiny|cpu|gpu] [--out runs/experiments] [--procs N]
-    python -m mmoe_ds.experiments docs [--out runs/experiments] [--doc docs/experiments.md]
+    python -m mmoe_ds.experiments docs [--out runs/experiments] [--doc docs/experiments.md] [--readme README.md]
 
-NAME: e1 (matched 2×2 × modality embedding), e2 (convergence: agnostic at 1×, 5×, 10× the aware
-run's steps), e3 (expert function: the analysis of every router design in recipes/modes), e4
-(the Gaussian toy), e5 (cross-dataset transfer to the emoji dataset), e6 (capacity and bias audit
-under flipped batch mixes), all (e1..e6 then docs). Runs are stored under OUT/_runs by content
-hash and reused when finished (an interrupted experiment, run again, continues); each
-experiment writes OUT/<name>/results.json, results.md and its PNGs; `docs` regenerates
-docs/experiments.md from them.
+Experiments:
+  e1   matched 2×2: aware vs agnostic router × none / per-modality balance / the aware run's routing as a
+       loss (the review's regularization ablation), with a size sweep and the covariance-regime data
+  e2   convergence: both routers trained 10× longer; distance between their routing patterns at 1, 2, 5, 10×
+  e3   expert function: CKA between experts and modality probes for every router design in recipes/modes
+  e4   Gaussian toy: routers on two Gaussians that differ only in covariance; parameter counts against d
+  e5   transfer: routing learnt on the embedded data, zero-shot and fine-tuned on the emoji data
+  e6   capacity audit: drop rates and compute shares per modality under flipped batch mixes
+  all  e1..e6, then docs
+  docs regenerate docs/experiments.md (and the README's generated block) from the results
+
+Runs are stored under OUT/_runs by content hash and reused when finished (an interrupted experiment,
+run again, continues); each experiment writes OUT/<name>/results.json, results.md and its PNGs.
 """
 from __future__ import annotations
 
@@ -35,14 +41,18 @@ def _seeds(text: str) -> list[int]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m mmoe_ds.experiments", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m mmoe_ds.experiments", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("name", choices=["e1", "e2", "e3", "e4", "e5", "e6", "all", "docs"])
+    ap.add_argument("name", choices=["e1", "e2", "e3", "e4", "e5", "e6", "all", "docs"],
+                    help="e1 matched 2×2, e2 convergence, e3 expert function/CKA, e4 Gaussian toy, e5 transfer, "
+                         "e6 capacity audit, all, docs (see above)")
     ap.add_argument("--seeds", type=_seeds, default=[0, 1, 2])
     ap.add_argument("--scale", choices=["tiny", "cpu", "gpu"], default="cpu")
     ap.add_argument("--out", type=Path, default=Path("runs/experiments"))
     ap.add_argument("--procs", type=int, default=None, help="processes per run (default: the scale's; on GPU: GPUs)")
     ap.add_argument("--doc", type=Path, default=Path("docs/experiments.md"), help="docs: the file to regenerate")
+    ap.add_argument("--readme", type=Path, default=Path("README.md"),
+                    help="docs: the README whose generated experiments block is rewritten (skipped without the block)")
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
     return ap.parse_args(argv)
 
@@ -74,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.name == "docs":
         from .docs import write_document
 
-        print(f"wrote {write_document(args.out, args.doc)}")
+        print(f"wrote {write_document(args.out, args.doc, args.readme)}")
         return 0
     try:
         scale = Scale.load(args.scale, args.procs)
@@ -85,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.name == "all":
             from .docs import write_document
 
-            print(f"wrote {write_document(args.out, args.doc)}")
+            print(f"wrote {write_document(args.out, args.doc, args.readme)}")
     except ExperimentError as e:
         print(f"mmoe_ds.experiments: {e}", file=sys.stderr)
         return 2

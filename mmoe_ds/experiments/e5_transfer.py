@@ -20,13 +20,15 @@ import numpy as np
 from mmoe_ds.atomic import atomic_write_text
 
 from . import e1_matched
-from .runner import (MODALITIES, RunSpec, Runner, contrast, mode_recipe, new_figure, save_figure,
-                     summarize, write_results)
+from .runner import (MODALITIES, RunSpec, Runner, by_seed, chance_levels, contrast, holm, mode_recipe, new_figure,
+                     save_figure, summarize, write_results)
 
 NAME = "e5_transfer"
 ROUTER_PATTERN = "*.deepspeed_moe.gate.*"
 VARIANTS = {"trainable": {}, "frozen": {"freeze": [ROUTER_PATTERN]}, "reinit": {"reinit": [ROUTER_PATTERN]}}
 PROBE = {"tiny": (64, 100), "cpu": (512, 1000), "gpu": (512, 1000)}
+# Image->caption retrieval on B after fine-tuning: the emoji names are distinct captions (chance 1/candidates).
+RETRIEVAL_CANDIDATES = {"tiny": 0, "cpu": 100, "gpu": 100}
 
 
 def js_bits(p, q) -> float:
@@ -100,18 +102,20 @@ def cached_analysis(cache: Path, source: Path, data_dir: Path, scale_name: str) 
 def finetune_spec(runner: Runner, export: Path, seed: int, variant: str) -> RunSpec:
     """Fine-tuning of an export on the emoji dataset: image+caption pairs only, router per `variant`."""
     steps = max(1, int(round(runner.scale.steps * runner.scale.finetune_fraction)))
-    batch = sum(runner.recipe(e1_matched.spec("aware", True, seed))["data"]["composition"].values())
+    batch = sum(runner.recipe(e1_matched.spec(e1_matched.AWARE, seed))["data"]["composition"].values())
     train = {"init_from": str(export.resolve()), "steps": steps, "eval_every": steps, "checkpoint_every": steps,
              **VARIANTS[variant]}
-    return RunSpec(mode_recipe("modality_bias"), seed, {"data": {"composition": {"image_text": batch}}, "train": train},
+    data = {"composition": {"image_text": batch}, "retrieval_candidates": RETRIEVAL_CANDIDATES[runner.scale.name]}
+    return RunSpec(mode_recipe("modality_bias"), seed, {"data": data, "train": train},
                    dataset="emoji", label=f"fine-tune on emoji, router {variant}")
 
 
 def run(runner: Runner, seeds: list[int], out: Path) -> dict:
     """A runs (reused), exports, zero-shot analyses, fine-tunes; write results and e5_transfer.png."""
     since = runner.tally()
+    seeds = e1_matched.seeds_for(runner, "e5", seeds)
     data_a, data_b = runner.dataset("embedded").resolve(), runner.dataset("emoji").resolve()
-    a_runs = runner.run_all([e1_matched.spec("aware", True, s) for s in seeds])
+    a_runs = runner.run_all([e1_matched.spec(e1_matched.AWARE, s) for s in seeds])
     exports = {s: runner.export(r) for s, r in zip(seeds, a_runs)}
     zero = {}
     for s, r in zip(seeds, a_runs):
@@ -127,7 +131,7 @@ def run(runner: Runner, seeds: list[int], out: Path) -> dict:
         after = cached_analysis(r.dir / "analysis_on_B.json", runner.export(r), data_b, runner.scale.name)
         change = drift(zero[s]["on_b"], after)
         final = r.final_eval()
-        ft[(v, s)] = {"caption_loss": float(final["caption_loss"]),
+        ft[(v, s)] = {"caption_loss": float(final["caption_loss"]), **chance_levels(r),
                       **({"retrieval_r1": float(final["retrieval_r1"])} if "retrieval_r1" in final else {}),
                       "change_image": change["tv_image"], "change_text": change["tv_text"], "tv_b": change["tv_b"],
                       "mi_b": change["mi_b"], "mi_change": change["mi_change"]}
@@ -149,18 +153,29 @@ def run(runner: Runner, seeds: list[int], out: Path) -> dict:
               ([["retrieval_r1", "retrieval R@1 on B"]] if "retrieval_r1" in ft[keys[0]] else []) + \
               [["change_image", "routing change image (TV)"], ["change_text", "routing change text (TV)"],
                ["tv_b", "TV on B"], ["mi_b", "I(M;E) on B, bits"], ["mi_change", "I(M;E) change vs zero-shot on B"]]
-    ft_rows = [{"label": f"router {v}", "cells": {k: summarize(fcol(v, k)) for k, _ in ft_cols}} for v in VARIANTS]
+    ft_rows = [{"label": f"router {v}", "cells": {k: summarize(fcol(v, k)) for k, _ in ft_cols},
+                "chance": {k: ft[(v, seeds[0])].get(f"chance_{k}") for k in ("caption_loss", "retrieval_r1")}}
+               for v in VARIANTS]
+    def Z(key: str) -> dict[int, float]:
+        return by_seed(seeds, zcol(key))
+
+    def F(v: str, key: str) -> dict[int, float]:
+        return by_seed(seeds, fcol(v, key))
+
+    loss_chance = ft[keys[0]].get("chance_caption_loss")
     contrasts = [
-        contrast("Zero-shot transfer: routing specialization on B vs on A", "routing TV", "on B (emoji)", zcol("tv_b"),
-                 "on A (embedded)", zcol("tv_a"), higher_is="neutral"),
-        contrast("Fine-tuning on B: router frozen vs trainable", "caption loss", "frozen", fcol("frozen", "caption_loss"),
-                 "trainable", fcol("trainable", "caption_loss"), higher_is="worse"),
+        contrast("Zero-shot transfer: routing specialization on B vs on A", "routing TV", "on B (emoji)", Z("tv_b"),
+                 "on A (embedded)", Z("tv_a"), higher_is="neutral", primary=True),
+        contrast("Fine-tuning on B: router frozen vs trainable", "caption loss", "frozen", F("frozen", "caption_loss"),
+                 "trainable", F("trainable", "caption_loss"), higher_is="worse", chance=loss_chance),
         contrast("Fine-tuning on B: router re-initialised vs trainable", "caption loss", "reinit",
-                 fcol("reinit", "caption_loss"), "trainable", fcol("trainable", "caption_loss"), higher_is="worse"),
+                 F("reinit", "caption_loss"), "trainable", F("trainable", "caption_loss"), higher_is="worse",
+                 chance=loss_chance),
         contrast("Fine-tuning on B: how far a trainable router moves vs a re-initialised one", "routing change, image",
-                 "trainable", fcol("trainable", "change_image"), "reinit", fcol("reinit", "change_image"),
+                 "trainable", F("trainable", "change_image"), "reinit", F("reinit", "change_image"),
                  higher_is="neutral"),
     ]
+    holm(contrasts)
     findings = [retention_sentence(zcol("mi_a"), zcol("mi_b")),
                 f"Zero shot, the mean drift of p(e | image) from A to B is {np.mean(zcol('tv_image')):.3f} TV, of "
                 f"p(e | text) {np.mean(zcol('tv_text')):.3f} TV (0: the same experts, 1: disjoint experts)."]

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from . import e1_matched
-from .runner import (TRAINING_ROUTING_CAVEAT, RunSpec, Runner, bar_panel, contrast, new_figure, run_metrics, save_figure,
-                     summarize, write_results)
+from .runner import (QUALITY as QUALITY_READOUTS, TRAINING_ROUTING_CAVEAT, RunSpec, Runner, bar_panel, by_seed,
+                     contrast, holm, new_figure, run_metrics, save_figure, summarize, write_results)
 
 NAME = "e6_audit"
 ROUTERS = ("agnostic", "aware")
@@ -36,7 +36,7 @@ def mixes(batch: int) -> dict[str, dict[str, int] | None]:
 
 
 def spec(router: str, mix: str, seed: int, composition: dict | None) -> RunSpec:
-    base = e1_matched.spec(router, True, seed)
+    base = e1_matched.spec(e1_matched.Cell(router), seed)
     if composition is None:
         return base
     return RunSpec(base.base, seed, {"data": {"composition": composition}}, label=f"{router}, {mix}")
@@ -45,7 +45,8 @@ def spec(router: str, mix: str, seed: int, composition: dict | None) -> RunSpec:
 def run(runner: Runner, seeds: list[int], out: Path) -> dict:
     """Train (or reuse) router × mix × seed; write results and e6_audit.png."""
     since = runner.tally()
-    default = runner.recipe(e1_matched.spec("agnostic", True, seeds[0]))["data"]["composition"]
+    seeds = e1_matched.seeds_for(runner, "e6", seeds)
+    default = runner.recipe(e1_matched.spec(e1_matched.AGNOSTIC, seeds[0]))["data"]["composition"]
     compositions = mixes(sum(default.values()))
     keys = [(r, m, s) for r in ROUTERS for m in MIXES for s in seeds]
     runs = runner.run_all([spec(r, m, s, compositions[m]) for r, m, s in keys])
@@ -54,36 +55,45 @@ def run(runner: Runner, seeds: list[int], out: Path) -> dict:
     def col(router: str, mix: str, key: str) -> list[float]:
         return [metrics[(router, mix, s)][key] for s in seeds]
 
+    def seeded(router: str, mix: str, key: str) -> dict[int, float]:
+        return by_seed(seeds, col(router, mix, key))
+
     def label(router: str, mix: str) -> str:
         return f"{router}, {mix.replace('_', '-')}"
 
     def rows(metric_list) -> list[dict]:
-        return [{"label": label(r, m), "cells": {k: summarize(col(r, m, k)) for k, _ in metric_list}}
+        return [{"label": label(r, m), "cells": {k: summarize(col(r, m, k)) for k, _ in metric_list},
+                 "chance": {k: metrics[(r, m, seeds[0])].get(f"chance_{k}") for k, _ in metric_list
+                            if k in QUALITY_READOUTS}}
                 for r in ROUTERS for m in MIXES]
 
     contrasts = [
         contrast("Aware vs agnostic, image-heavy mix", "text drop rate", label("aware", "image_heavy"),
-                 col("aware", "image_heavy", "drop_text"), label("agnostic", "image_heavy"),
-                 col("agnostic", "image_heavy", "drop_text"), higher_is="worse"),
+                 seeded("aware", "image_heavy", "drop_text"), label("agnostic", "image_heavy"),
+                 seeded("agnostic", "image_heavy", "drop_text"), higher_is="worse", primary=True),
         contrast("Aware vs agnostic, image-heavy mix", "image drop rate", label("aware", "image_heavy"),
-                 col("aware", "image_heavy", "drop_image"), label("agnostic", "image_heavy"),
-                 col("agnostic", "image_heavy", "drop_image"), higher_is="worse"),
+                 seeded("aware", "image_heavy", "drop_image"), label("agnostic", "image_heavy"),
+                 seeded("agnostic", "image_heavy", "drop_image"), higher_is="worse"),
         contrast("Aware vs agnostic, text-heavy mix", "image drop rate", label("aware", "text_heavy"),
-                 col("aware", "text_heavy", "drop_image"), label("agnostic", "text_heavy"),
-                 col("agnostic", "text_heavy", "drop_image"), higher_is="worse"),
+                 seeded("aware", "text_heavy", "drop_image"), label("agnostic", "text_heavy"),
+                 seeded("agnostic", "text_heavy", "drop_image"), higher_is="worse"),
     ]
     for r in ROUTERS:
         th, ih = label(r, "text_heavy"), label(r, "image_heavy")
         contrasts += [
-            contrast(f"Flipping the mix ({r})", "image drop rate", th, col(r, "text_heavy", "drop_image"), ih,
-                     col(r, "image_heavy", "drop_image"), higher_is="worse"),
-            contrast(f"Flipping the mix ({r})", "text drop rate", th, col(r, "text_heavy", "drop_text"), ih,
-                     col(r, "image_heavy", "drop_text"), higher_is="worse"),
-            contrast(f"Flipping the mix ({r})", "caption ranking accuracy", th, col(r, "text_heavy", "caption_rank_acc"),
-                     ih, col(r, "image_heavy", "caption_rank_acc")),
-            contrast(f"Flipping the mix ({r})", "text perplexity", th, col(r, "text_heavy", "text_ppl"), ih,
-                     col(r, "image_heavy", "text_ppl"), higher_is="worse"),
+            contrast(f"Flipping the mix ({r})", "image drop rate", th, seeded(r, "text_heavy", "drop_image"), ih,
+                     seeded(r, "image_heavy", "drop_image"), higher_is="worse"),
+            contrast(f"Flipping the mix ({r})", "text drop rate", th, seeded(r, "text_heavy", "drop_text"), ih,
+                     seeded(r, "image_heavy", "drop_text"), higher_is="worse"),
+            contrast(f"Flipping the mix ({r})", "caption ranking accuracy", th, seeded(r, "text_heavy", "caption_rank_acc"),
+                     ih, seeded(r, "image_heavy", "caption_rank_acc"),
+                     chance=metrics[(r, "text_heavy", seeds[0])].get("chance_caption_rank_acc")),
+            contrast(f"Flipping the mix ({r})", "text perplexity", th, seeded(r, "text_heavy", "text_ppl"), ih,
+                     seeded(r, "image_heavy", "text_ppl"), higher_is="worse",
+                     chance=metrics[(r, "text_heavy", seeds[0])].get("chance_text_ppl")),
         ]
+    holm(contrasts)
+
     fig, axes = new_figure(2, width=5.0)
     labels = [label(r, m) for r in ROUTERS for m in MIXES]
     drop = [summarize([metrics[(r, m, s)]["drop_image"] for s in seeds]) for r in ROUTERS for m in MIXES]

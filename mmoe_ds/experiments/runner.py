@@ -24,7 +24,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -40,6 +40,12 @@ MODALITIES = ("image", "text")
 TRAINING_ROUTING_CAVEAT = ("Routing is measured on training batches (the trainer's logged statistics), not on a held-out "
                            "probe set, and there padding positions are routed and counted as text tokens (E3, E5 and "
                            "`mmoe-ds analyze` measure on the test split without padding).")
+
+
+# The experiments' protocol version, recorded in every results.json: 2 = issue 17's (global balance only in
+# the recipes, E[m] ~ N(0, 1) from its own generator, per-layer matched targets in routed-fraction space,
+# seed-paired contrasts with a pre-declared primary, Holm and power). Results without it predate that.
+PROTOCOL = 2
 
 
 class ExperimentError(RuntimeError):
@@ -75,6 +81,12 @@ class Scale:
         prepare: dataset name -> `mmoe-ds prepare` arguments (without --out).
         finetune_fraction: E5's fine-tuning steps as a fraction of train.steps.
         description: what the scale is, said in every results file.
+        sizes: the size sweep: name -> model overrides laid over the scale's model ({}: the scale's own).
+        seed_counts: part -> how many of the given seeds it uses (the first ones); a part not named
+            uses all. Parts: arms (E1's cells other than the primary pair), probe (E1's probe analyses),
+            sweep, covariance, e2, e3, e5, e6.
+        dataset_overrides: dataset name -> {"data", "model", "train"} overrides of every run on it (laid
+            over the scale's, under the run's own), e.g. the covariance data's blind-router model settings.
     """
 
     name: str
@@ -85,6 +97,9 @@ class Scale:
     prepare: dict
     finetune_fraction: float = 0.5
     description: str = ""
+    sizes: dict = field(default_factory=dict)
+    seed_counts: dict = field(default_factory=dict)
+    dataset_overrides: dict = field(default_factory=dict)
 
     @classmethod
     def load(cls, name: str, procs: int | None = None) -> "Scale":
@@ -94,7 +109,9 @@ class Scale:
         raw = json.loads((SCALES_DIR / f"{name}.json").read_text())
         scale = cls(name=name, procs=int(procs or raw["procs"]), parallel=int(raw["parallel"]),
                     ds_config=raw["ds_config"], overrides=raw["overrides"], prepare=raw["prepare"],
-                    finetune_fraction=float(raw.get("finetune_fraction", 0.5)), description=raw.get("description", ""))
+                    finetune_fraction=float(raw.get("finetune_fraction", 0.5)), description=raw.get("description", ""),
+                    sizes=dict(raw.get("sizes", {})), seed_counts={k: int(v) for k, v in raw.get("seed_counts", {}).items()},
+                    dataset_overrides=dict(raw.get("dataset_overrides", {})))
         if scale.procs < 1 or scale.parallel < 1:
             raise ExperimentError(f"recipes/experiments/{name}.json: procs and parallel must be >= 1.")
         return scale
@@ -189,7 +206,7 @@ class Runner:
 
     def header(self, since: "Tally", exp_id: str, name: str, title: str, seeds: Sequence[int]) -> dict:
         """The fields every results.json starts with: what ran, how to rerun it, and what it cost since `since`."""
-        return {"experiment": exp_id, "name": name, "title": title,
+        return {"experiment": exp_id, "name": name, "title": title, "protocol": PROTOCOL,
                 "command": experiment_command(exp_id, seeds, self.scale), "scale": self.scale.summary(),
                 "seeds": list(seeds), "seconds": time.perf_counter() - since.seconds,
                 "runs_launched": self.launched - since.launched, "runs_reused": self.reused - since.reused,
@@ -218,7 +235,8 @@ class Runner:
     def recipe(self, spec: RunSpec) -> dict:
         """The effective recipe of `spec` (without output_dir): base, then the scale, then the spec's overrides."""
         base = json.loads(Path(spec.base).read_text())
-        recipe = deep_merge(deep_merge(base, self.scale.overrides), spec.overrides)
+        recipe = deep_merge(deep_merge(deep_merge(base, self.scale.overrides),
+                                       self.scale.dataset_overrides.get(spec.dataset, {})), spec.overrides)
         if recipe["train"].get("init_from"):  # the model is the folder's; only routing/loss fields may change
             recipe["model"] = copy.deepcopy(spec.overrides.get("model", {}))
         recipe.pop("description", None)
@@ -371,8 +389,38 @@ def run_metrics(run: Run, last_fraction: float = 0.2) -> dict[str, float]:
     tail = records[-max(1, int(round(len(records) * last_fraction))):]
     final = run.final_eval()
     out = {k: float(final[k]) for k in ("caption_rank_acc", "caption_loss", "text_ppl", "retrieval_r1") if k in final}
+    out.update(chance_levels(run))
     out.update(routing_summary(tail))
     return out
+
+
+def vocab_size(data_dir: str | os.PathLike) -> int:
+    """Tokens of a prepared dataset's tokenizer (its processor/tokenizer.json: vocabulary + added tokens)."""
+    tok = json.loads((Path(data_dir) / "processor" / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    return len(vocab) + sum(1 for t in tok.get("added_tokens", []) if t["content"] not in vocab)
+
+
+def chance_levels(run: Run) -> dict[str, float]:
+    """The chance level of each quality readout of `run`'s final evaluation, as chance_<metric>:
+    caption ranking: 1 / classes (the evaluator's caption_rank_chance); retrieval R@1: 1 / candidates;
+    caption loss: ln V and text perplexity: V (a uniform guess over the V tokens)."""
+    final = run.final_eval()
+    out = {}
+    if "caption_rank_chance" in final:
+        out["chance_caption_rank_acc"] = float(final["caption_rank_chance"])
+    if final.get("retrieval_candidates"):
+        out["chance_retrieval_r1"] = 1.0 / float(final["retrieval_candidates"])
+    data_dir = run.recipe.get("data", {}).get("dir")
+    if data_dir and (Path(data_dir) / "processor" / "tokenizer.json").exists():
+        v = vocab_size(data_dir)
+        out["chance_caption_loss"], out["chance_text_ppl"] = float(np.log(v)), float(v)
+    return out
+
+
+# Quality readouts: metric -> (higher is, name); their chance levels are run_metrics' chance_<metric>.
+QUALITY = {"caption_loss": ("worse", "caption loss"), "caption_rank_acc": ("better", "caption ranking accuracy"),
+           "retrieval_r1": ("better", "retrieval R@1"), "text_ppl": ("worse", "text perplexity")}
 
 
 # -- summaries over seeds ------------------------------------------------------------------------
@@ -389,20 +437,89 @@ def summarize(values: Sequence[float]) -> dict:
     return {"mean": s.mean, "ci95": s.half_width, "n": s.n, "values": vals}
 
 
-def contrast(name: str, metric: str, a_label: str, a: Sequence[float], b_label: str, b: Sequence[float],
-             higher_is: str = "better") -> dict:
-    """A paired comparison over seeds: per-seed differences a - b, summarized with a 95% CI.
+ALPHA = 0.05  # two-sided level of every interval and test
+POWER = 0.8  # the power at which the smallest detectable difference is stated
+
+
+def paired_t(diffs: Sequence[float]) -> dict:
+    """Paired t statistics of per-seed differences: {"p" (two-sided), "sd", "mdd"}; mdd is the smallest
+    true mean difference a two-sided paired t-test at ALPHA detects with POWER at this n and the
+    observed SD: (t_{1-α/2, n-1} + t_{POWER, n-1}) · sd / √n (None below 2 seeds)."""
+    from scipy import stats
+
+    d = np.asarray(diffs, dtype=float)
+    n = d.size
+    if n < 2 or not np.all(np.isfinite(d)):
+        return {"p": None, "sd": None, "mdd": None}
+    sd = float(d.std(ddof=1))
+    t_a, t_b = stats.t.ppf(1 - ALPHA / 2, n - 1), stats.t.ppf(POWER, n - 1)
+    if sd == 0:
+        p = 1.0 if d.mean() == 0 else 0.0
+    else:
+        p = float(2 * stats.t.sf(abs(d.mean()) / (sd / np.sqrt(n)), n - 1))
+    return {"p": p, "sd": sd, "mdd": float((t_a + t_b) * sd / np.sqrt(n))}
+
+
+def welch_half_width(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Half-width of the unpaired (Welch) 95% interval of mean(a) - mean(b): what the same seeds would
+    give without pairing, shown beside the paired one (pairing pays when it is much smaller)."""
+    from scipy import stats
+
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if a.size < 2 or b.size < 2:
+        return None
+    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+    se = np.sqrt(va + vb)
+    if se == 0:
+        return 0.0
+    dof = se ** 4 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1))
+    return float(stats.t.ppf(1 - ALPHA / 2, dof) * se)
+
+
+def contrast(name: str, metric: str, a_label: str, a: Mapping[int, float], b_label: str, b: Mapping[int, float],
+             higher_is: str = "better", chance: float | None = None, primary: bool = False,
+             target_half_width: float | None = None) -> dict:
+    """A comparison paired by seed: per-seed differences a[s] - b[s], summarized with a 95% CI.
 
     Args:
         name: what is compared, said in the docs.
         metric: the metric's name.
-        a_label, b_label: the two arms; a, b: one value per seed, in the same seed order.
+        a_label, b_label: the two arms; a, b: {seed: value}; both arms must have the same seeds.
         higher_is: "better", "worse" or "neutral" (how the docs phrase a difference).
+        chance: the metric's chance level (quality readouts): the docs say "cannot tell" when an arm
+            is not above it.
+        primary: the experiment's one pre-declared contrast (judged by its CI; the others are judged
+            after Holm's correction, `holm`).
+        target_half_width: for the primary contrast, the half-width its seeds were chosen to reach.
     """
-    if len(a) != len(b):
-        raise ExperimentError(f"contrast {name}: {len(a)} vs {len(b)} values; pair them by seed.")
-    return {"name": name, "metric": metric, "a": a_label, "b": b_label, "higher_is": higher_is,
-            "a_summary": summarize(a), "b_summary": summarize(b), "diff": summarize([x - y for x, y in zip(a, b)])}
+    if set(a) != set(b):
+        raise ExperimentError(f"contrast {name}: seeds {sorted(a)} vs {sorted(b)}; pair them by seed.")
+    seeds = sorted(a)
+    va, vb = [float(a[s]) for s in seeds], [float(b[s]) for s in seeds]
+    diffs = [x - y for x, y in zip(va, vb)]
+    return {"name": name, "metric": metric, "a": a_label, "b": b_label, "higher_is": higher_is, "seeds": seeds,
+            "a_summary": summarize(va), "b_summary": summarize(vb), "diff": summarize(diffs),
+            "test": paired_t(diffs), "unpaired_ci95": welch_half_width(va, vb), "chance": chance,
+            "primary": primary, "target_half_width": target_half_width}
+
+
+def holm(contrasts: list[dict]) -> list[dict]:
+    """Holm's step-down adjustment of the paired-t p-values of the non-primary contrasts (in place,
+    as test["p_holm"]); the primary contrast keeps its own level. Returns `contrasts`."""
+    rest = [c for c in contrasts if not c.get("primary") and c["test"]["p"] is not None]
+    order = sorted(rest, key=lambda c: c["test"]["p"])
+    running = 0.0
+    for i, c in enumerate(order):
+        running = max(running, min(1.0, (len(order) - i) * c["test"]["p"]))
+        c["test"]["p_holm"] = running
+    return contrasts
+
+
+def by_seed(seeds: Sequence[int], values: Sequence[float]) -> dict[int, float]:
+    """{seed: value} from two parallel sequences."""
+    if len(seeds) != len(values):
+        raise ExperimentError(f"by_seed: {len(seeds)} seeds for {len(values)} values.")
+    return {int(s): float(v) for s, v in zip(seeds, values)}
 
 
 def write_results(out: Path, results: dict, markdown: str) -> None:

@@ -112,17 +112,32 @@ def min_utilization(probs: Tensor, fraction: float) -> Tensor:
     return num_experts * torch.relu(fraction / num_experts - probs.mean(0)).sum()
 
 
-def matched_utilization(probs: Tensor, modality_ids: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-    """KL(target_m ‖ mean_{s∈m} p_s) per modality.
+def routed_fractions(chosen: Tensor, top_k: Tensor, modality_ids: Tensor, num_modalities: int,
+                     num_experts: int) -> Tensor:
+    """[M, E]: each modality's share of its routes (before capacity) that go to each expert, i.e. the
+    trainer's logged `routed_per_expert` counts normalised per modality (rows of absent modalities are 0)."""
+    valid = (torch.arange(chosen.shape[1], device=chosen.device)[None] < top_k[:, None]).float()
+    routes = _sum_by_modality(route_fractions(chosen, valid, num_experts), modality_ids, num_modalities)
+    return routes / routes.sum(-1, keepdim=True).clamp(min=1)
 
-    The router never sees the modality; only this loss does. It tests whether modality-specific
-    routing can be reached by a loss alone, with the agnostic router.
+
+def matched_utilization(probs: Tensor, chosen: Tensor, top_k: Tensor, modality_ids: Tensor,
+                        target: Tensor) -> tuple[Tensor, Tensor]:
+    """TV(f_m, target_m) per modality, f_m the modality's routed fractions (`routed_fractions`).
+
+    The loss lives in the space the matched experiments measure in: the routes chosen, as the
+    trainer logs them, and total variation. Its value is that TV; its gradient is straight-through,
+    through the modality's mean router probabilities (f + p̄ − sg(p̄)), since the choices themselves
+    have none. The router never sees the modality; only this loss does: it tests whether
+    modality-specific routing can be reached by a loss alone.
     """
-    num_modalities = target.shape[0]
+    num_modalities, num_experts = target.shape
     counts = torch.bincount(modality_ids, minlength=num_modalities).float()
     mean_p = _sum_by_modality(probs, modality_ids, num_modalities) / counts.clamp(min=1)[:, None]
-    kl = (torch.special.xlogy(target, target) - target * torch.log(mean_p.clamp(min=1e-9))).sum(-1)
-    return _mean_over_present(kl, counts)
+    f = routed_fractions(chosen, top_k, modality_ids, num_modalities, num_experts)
+    f = f + mean_p - mean_p.detach()
+    tv = 0.5 * (f - target).abs().sum(-1)
+    return _mean_over_present(tv, counts)
 
 
 def router_aux_losses(cfg: RouterConfig, logits: Tensor, probs: Tensor, chosen: Tensor, top_k: Tensor,
@@ -155,8 +170,12 @@ def router_aux_losses(cfg: RouterConfig, logits: Tensor, probs: Tensor, chosen: 
     if cfg.min_utilization_coef:
         terms["min_utilization"] = (cfg.min_utilization_coef, min_utilization(probs, cfg.min_utilization))
     if cfg.matched_utilization_coef:
+        if cfg.matched_targets_per_layer:
+            raise ValueError("RouterConfig.matched_utilization_target holds one target per MoE layer: bind each "
+                             "router to its layer's (RouterConfig.for_moe_layer, done by mmoe_ds.train) first.")
         target = probs.new_tensor([cfg.matched_utilization_target[m] for m in cfg.modalities])
-        terms["matched_utilization"] = (cfg.matched_utilization_coef, matched_utilization(probs, modality_ids, target)[0])
+        terms["matched_utilization"] = (cfg.matched_utilization_coef,
+                                        matched_utilization(probs, chosen, top_k, modality_ids, target)[0])
     total = sum(coef * value for coef, value in terms.values())
     return total, {name: value for name, (_, value) in terms.items()}
 

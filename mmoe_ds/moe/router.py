@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .config import RouterConfig
+from .experts import calls_modules
 from .losses import _entropy, router_aux_losses
 
 
@@ -83,6 +84,16 @@ class Routing:
     stats: RoutingStats
 
 
+def _own_generator() -> torch.Generator:
+    """A CPU generator seeded from the global generator's current state without advancing it:
+    deterministic for a given seed, different for every layer (the state moves between layers),
+    and drawing from it leaves the global stream untouched."""
+    import hashlib
+
+    digest = hashlib.sha256(torch.get_rng_state().numpy().tobytes()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
 class ModalityRouter(nn.Module):
     """Gate parameters plus `route()`. Named like DeepSpeed's TopKGate (`wg`) so weights interchange.
 
@@ -97,7 +108,10 @@ class ModalityRouter(nn.Module):
         router_rows = E * M if cfg.mode == "separate_routers" else E
         self.wg = nn.Linear(hidden_size, router_rows, bias=False)
         if cfg.mode == "modality_bias":
-            self.modality_bias = nn.Parameter(torch.randn(M, E) * cfg.modality_bias_init_std)
+            # Drawn from its own generator, so the global stream (and with it every shared tensor
+            # drawn after this one) is the same with or without E[m]: same seed => same init across arms.
+            self.modality_bias = nn.Parameter(
+                torch.randn(M, E, generator=_own_generator()) * cfg.modality_bias_init_std)
         self.ep_group = None
         self._tables: dict[torch.device, tuple[Tensor, Tensor]] = {}
 
@@ -126,7 +140,10 @@ class ModalityRouter(nn.Module):
         x = x.float()
         if self.training and cfg.jitter_eps > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - cfg.jitter_eps, 1.0 + cfg.jitter_eps)
-        logits = nn.functional.linear(x, self.wg.weight.float())
+        if calls_modules(self.wg):  # PEFT / offload / hooks: run `wg` as a module, in its own dtype
+            logits = self.wg(x.to(getattr(self.wg, "weight", x).dtype)).float()
+        else:
+            logits = nn.functional.linear(x, self.wg.weight.float())
         if cfg.mode == "separate_routers":
             logits = logits.view(-1, cfg.num_modalities, cfg.num_experts)
             logits = logits.gather(1, modality_ids.view(-1, 1, 1).expand(-1, 1, cfg.num_experts)).squeeze(1)
@@ -176,7 +193,12 @@ class ModalityRouter(nn.Module):
         return limits, layout
 
     # -- routing ------------------------------------------------------------------------------
-    def route(self, x: Tensor, modality_ids: Tensor) -> Routing:
+    def forward(self, x: Tensor, modality_ids: Tensor) -> Routing:
+        """`route`, reached through a module call so hooks on the router (accelerate's offload
+        brings `modality_bias` in only then) see it."""
+        return self.route(x, modality_ids)
+
+    def route(self, x: Tensor, modality_ids: Tensor, slots: bool = True) -> Routing:
         """Route tokens x [S, d] with modality ids [S].
 
         Three named steps: `select` (each token's top-k experts inside its pool), `assign_slots`
@@ -187,6 +209,8 @@ class ModalityRouter(nn.Module):
         Args:
             x: [S, d] token representations (any float dtype; routing runs in fp32). S may be 0.
             modality_ids: [S] integer modality ids (index into `cfg.modalities`).
+            slots: False for index dispatch (`DroplessMoE`, drop_tokens=False only): every valid route is
+                kept, no capacity buffer is laid out (slot 0, capacity 0) and nothing is read back to the host.
         Returns:
             `Routing` with [K, S] expert indices, slots and combine weights (K = largest top-k).
         """
@@ -198,13 +222,18 @@ class ModalityRouter(nn.Module):
         token_k = self.routing_tables(x.device)[1][modality_ids]  # [S]
         picked = self.select(logits, probs, token_k)
         aux_loss, aux_losses = router_aux_losses(cfg, logits, probs, picked.chosen, token_k, modality_ids)
-        modality_counts = torch.bincount(modality_ids, minlength=cfg.num_modalities).tolist()
-        slots = self.assign_slots(picked, modality_ids, modality_counts)
-        gates = self.combine_weights(picked.probs, slots.keep, token_k)
-        expert_index = torch.where(slots.keep, picked.chosen, -1)
-        stats = self._stats(probs, picked.chosen, picked.valid, slots.keep, modality_ids, modality_counts)
-        return Routing(expert_index.t().contiguous(), slots.slot.t().contiguous(), gates.t().contiguous(),
-                       slots.capacity, logits, aux_loss, aux_losses, stats)
+        if slots:
+            modality_counts = torch.bincount(modality_ids, minlength=cfg.num_modalities).tolist()
+            assigned = self.assign_slots(picked, modality_ids, modality_counts)
+        elif cfg.drop_tokens:
+            raise ValueError("ModalityRouter.route(slots=False) keeps every route: needs drop_tokens=False.")
+        else:
+            assigned = SlotAssignment(picked.valid, torch.zeros_like(picked.chosen), 0)
+        gates = self.combine_weights(picked.probs, assigned.keep, token_k)
+        expert_index = torch.where(assigned.keep, picked.chosen, -1)
+        stats = self._stats(probs, picked.chosen, picked.valid, assigned.keep, modality_ids)
+        return Routing(expert_index.t().contiguous(), assigned.slot.t().contiguous(), gates.t().contiguous(),
+                       assigned.capacity, logits, aux_loss, aux_losses, stats)
 
     def select(self, logits: Tensor, probs: Tensor, token_k: Tensor) -> Selection:
         """Each token's top-k experts (its own k from `token_k` [S]; K = the largest k).
@@ -267,12 +296,14 @@ class ModalityRouter(nn.Module):
         return torch.where(normalise, gates / denominator, gates)
 
     @torch.no_grad()
-    def _stats(self, probs, chosen, valid, keep, modality_ids, modality_counts) -> RoutingStats:
+    def _stats(self, probs, chosen, valid, keep, modality_ids) -> RoutingStats:
+        """Counts by index_add_ (exact: sums of 0/1 in fp32), not bincount, which reads back on CUDA."""
         M, E = self.cfg.num_modalities, self.cfg.num_experts
         flat = (modality_ids[:, None] * E + chosen).reshape(-1)
-        routed = torch.bincount(flat, weights=valid.reshape(-1).float(), minlength=M * E).view(M, E)
-        kept = torch.bincount(flat, weights=keep.reshape(-1).float(), minlength=M * E).view(M, E)
-        tokens = torch.tensor(modality_counts, device=probs.device, dtype=torch.float32)
+        counts = probs.new_zeros(M * E)
+        routed = counts.index_add(0, flat, valid.reshape(-1).float()).view(M, E)
+        kept = counts.index_add(0, flat, keep.reshape(-1).float()).view(M, E)
+        tokens = probs.new_zeros(M).index_add_(0, modality_ids, probs.new_ones(modality_ids.shape))
         entropy = torch.zeros(M, device=probs.device).index_add_(0, modality_ids, _entropy(probs)) / tokens.clamp(min=1)
         return RoutingStats(tokens, routed, kept, entropy)
 
