@@ -286,6 +286,28 @@ def plan_recipe(recipe, ds_config: dict, world_size: int, gpu_memory: int | None
                     recipe.data.max_length, freeze=t.freeze, gpu_memory=gpu_memory), ""
 
 
+def print_plan(recipe, ds_config: dict, world_size: int, gpu_memory: str | None, prog: str,
+               not_yet_ok: bool) -> int:
+    """Print the plan's table. Returns 2 after one line on stderr when the plan cannot fit
+    `gpu_memory` or the configuration is wrong; when the plan cannot be made yet (no init_from
+    config, no prepared data) says why, on stdout with rc 0 if `not_yet_ok` (`--check`), else rc 2."""
+    import sys
+
+    try:
+        plan, why = plan_recipe(recipe, ds_config, world_size, parse_bytes(gpu_memory) if gpu_memory else None)
+    except ConfigError as e:
+        print(f"{prog}: configuration error: {e}", file=sys.stderr)
+        return 2
+    if plan is None:
+        print(why if not_yet_ok else f"{prog}: {why}", file=sys.stdout if not_yet_ok else sys.stderr)
+        return 0 if not_yet_ok else 2
+    print(plan.table())
+    if not plan.fits():
+        print(f"{prog}: configuration error: does not fit: {plan.refusal()}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """`mmoe-ds plan RECIPE DS_CONFIG --world_size N [--gpu-memory 80GB]`: the table; exit 2 if it cannot fit."""
     import argparse
@@ -303,16 +325,7 @@ def main(argv: list[str] | None = None) -> int:
         recipe = Recipe.load(args.recipe)
         ds_config = validate_launch(recipe, load_ds_config(args.deepspeed_config), args.deepspeed_config,
                                     args.world_size)
-        gpu = parse_bytes(args.gpu_memory) if args.gpu_memory else None
-        plan, why = plan_recipe(recipe, ds_config, args.world_size, gpu)
     except ConfigError as e:
         print(f"mmoe-ds plan: configuration error: {e}", file=sys.stderr)
         return 2
-    if plan is None:
-        print(f"mmoe-ds plan: {why}", file=sys.stderr)
-        return 2
-    print(plan.table())
-    if not plan.fits():
-        print(f"mmoe-ds plan: does not fit: {plan.refusal()}", file=sys.stderr)
-        return 2
-    return 0
+    return print_plan(recipe, ds_config, args.world_size, args.gpu_memory, "mmoe-ds plan", not_yet_ok=False)
