@@ -15,8 +15,6 @@ Each rank writes --out.rank<r>.json: relative differences (max |a-b| / max |b|).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 
 import deepspeed
@@ -25,7 +23,7 @@ import torch.distributed as dist
 
 from mmoe_ds import checkpoint
 from mmoe_ds.model import MmoeConfig, MmoeForCausalLM
-from mmoe_ds.teardown import exit_process
+from ep_worker import finish_worker, start_worker
 
 LR, WORLD, PER_RANK, SEQ, VOCAB = 0.5, 4, 2, 24, 64
 MODEL = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
@@ -119,13 +117,7 @@ def rel(a: dict, b: dict) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--local_rank", type=int, default=0)
-    args = parser.parse_args()
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="gloo")
-    rank = dist.get_rank()
+    out, rank = start_worker()
     assert dist.get_world_size() == WORLD
     torch.manual_seed(0)
     reference = MmoeForCausalLM(MmoeConfig(**MODEL, moe_backend="torch"))
@@ -152,7 +144,7 @@ def main() -> None:
     result["ep2_expert_dp_peer_equal"] = rel(peers[(rank + 2) % 4], mine)
 
     # 2. checkpoint at EP 2 x DP 2, resume at EP 4 and EP 1; the next step equals EP 2's own next step
-    out_dir = os.path.join(os.path.dirname(args.out), "ckpt")
+    out_dir = os.path.join(os.path.dirname(out), "ckpt")
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
     dist.barrier()
@@ -173,10 +165,7 @@ def main() -> None:
                                     "next_loss": loss, "continued_loss": continued_loss,
                                     "next_params_vs_continued": rel(global_state(engine, ep, MODEL["num_local_experts"]),
                                                                     continued)}
-    with open(f"{args.out}.rank{rank}.json", "w") as f:
-        json.dump(result, f)
-    exit_process(0)
-
+    finish_worker(out, rank, result)
 
 if __name__ == "__main__":
     main()
