@@ -1,4 +1,4 @@
-"""Count the bytes DeepSpeed's MoE all-to-all moves, against mmoe_ds.scaling's formula.
+"""Count the bytes DeepSpeed's MoE all-to-all moves, against mmoe_ds.training.scaling's formula.
 
 Started by the DeepSpeed launcher (`deepspeed --num_gpus N bench/a2a_bytes.py --out PREFIX`, CPU,
 gloo). For each expert-parallel size that divides N and each of capacity / dropless routing, every
@@ -6,7 +6,7 @@ rank runs one forward and backward of a `DeepSpeedMoE` layer on its own tokens, 
 different modality mix (image top-1, text top-2), while `deepspeed.comm.all_to_all_single` is
 wrapped to record the bytes of every call. Each rank writes PREFIX.rank<r>.json: one row per case
 with the capacity the router chose, the capacity the formula predicts from the ranks' token counts,
-and the bytes measured vs predicted. `python -m mmoe_ds.scaling --measure` runs it at 2 and 4.
+and the bytes measured vs predicted. `python -m mmoe_ds.training.scaling --measure` runs it at 2 and 4.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import torch.distributed as dist
 
 from mmoe_ds.moe import RouterConfig
 from mmoe_ds.moe.deepspeed_layer import DeepSpeedMoE
-from mmoe_ds.scaling import all_to_all, capacity
-from mmoe_ds.teardown import exit_process
+from mmoe_ds.training.scaling import all_to_all, capacity
+from mmoe_ds.training.teardown import exit_process
 
 D, F, E, TOKENS = 32, 64, 8, 96
 TOP_K = {"image": 1, "text": 2}

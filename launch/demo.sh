@@ -21,7 +21,7 @@ echo "--- captions from the export, loaded with trust_remote_code and DeepSpeed 
 $PY - "$RUN/export" <<'PYEOF'
 import sys
 sys.modules["deepspeed"] = None  # importing it would now fail: the export must not need it
-from mmoe_ds.caption import main
+from mmoe_ds.export.caption import main
 main([sys.argv[1], "--num", "6"])
 PYEOF
 echo "--- final evaluation:"

@@ -15,15 +15,15 @@ SUBCOMMANDS = {
     "index": ("mmoe_ds.data.index", "build a manifest for existing WebDataset shards (local, brace patterns, pipe:, "
                                     "URLs) without rewriting them"),
     "train": ("mmoe_ds.train", "train from a recipe and a DeepSpeed config (use the deepspeed launcher)"),
-    "plan": ("mmoe_ds.plan", "per-GPU memory (weights, gradients, optimizer, activations) and FLOPs of a recipe "
+    "plan": ("mmoe_ds.training.plan", "per-GPU memory (weights, gradients, optimizer, activations) and FLOPs of a recipe "
                              "at a world size; refuses what cannot fit --gpu-memory"),
-    "push": ("mmoe_ds.push", "upload an export to the Hugging Face Hub (token from HF_TOKEN or `hf auth login`; "
+    "push": ("mmoe_ds.export.push", "upload an export to the Hugging Face Hub (token from HF_TOKEN or `hf auth login`; "
                              "--dry-run lists the files and the card)"),
     "export": ("mmoe_ds.export", "gather a DeepSpeed checkpoint (any ep_size) into one HF folder"),
-    "caption": ("mmoe_ds.caption", "caption images with an exported model"),
+    "caption": ("mmoe_ds.export.caption", "caption images with an exported model"),
     "analyze": ("mmoe_ds.analysis.cli", "routing analysis of a run or an export on a held-out probe set "
                                         "(analysis.json, analysis.md, PNGs)"),
-    "upcycle": ("mmoe_ds.upcycle", "build an MoE model from a dense HF Llama-family LM (+ an HF vision tower)"),
+    "upcycle": ("mmoe_ds.export.upcycle", "build an MoE model from a dense HF Llama-family LM (+ an HF vision tower)"),
 }
 
 

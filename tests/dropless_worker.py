@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F_
 from torch import nn
 
-from ep_worker import D, E, F, MODES, POOLS, finish_worker, local_state, rel_diff, routing_fields, start_worker
+from ep_worker import D, E, F, MODES, finish_worker, local_state, rel_diff, routing_fields, start_worker
 from mmoe_ds.moe import RouterConfig, TorchMoE
 from mmoe_ds.moe.deepspeed_layer import DeepSpeedMoE
 from mmoe_ds.moe.dropless import DroplessMoE

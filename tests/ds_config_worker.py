@@ -1,6 +1,6 @@
 """One process, no launcher: every shipped DeepSpeed config builds an engine around the model
 (DeepSpeed MoE layers) and takes an optimizer step. Prints RESULTS {config: "ok <dtype>" | error}
-and OPTIMIZER {config: {"measured": bytes the optimizer holds, "planned": mmoe_ds.plan's figure}}."""
+and OPTIMIZER {config: {"measured": bytes the optimizer holds, "planned": mmoe_ds.training.plan's figure}}."""
 from __future__ import annotations
 
 import json
@@ -10,9 +10,9 @@ import deepspeed
 import torch
 
 from mmoe_ds.model import MmoeConfig, MmoeForCausalLM
-from mmoe_ds.plan import plan_run
-from mmoe_ds.recipe import Recipe, load_ds_config, validate_launch
-from mmoe_ds.teardown import exit_process
+from mmoe_ds.training.plan import plan_run
+from mmoe_ds.config.recipe import Recipe, load_ds_config, validate_launch
+from mmoe_ds.training.teardown import exit_process
 
 
 def optimizer_bytes(engine) -> int:
@@ -53,7 +53,7 @@ def main(names: list[str]) -> None:
             results[name] = f"{type(e).__name__}: {e}"
     print("RESULTS " + json.dumps(results), flush=True)
     print("OPTIMIZER " + json.dumps(optimizer), flush=True)
-    exit_process(0)  # tear gloo down before the interpreter does (see mmoe_ds/teardown.py)
+    exit_process(0)  # tear gloo down before the interpreter does (see mmoe_ds/training/teardown.py)
 
 
 if __name__ == "__main__":

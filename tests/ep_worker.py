@@ -22,7 +22,7 @@ from torch import nn
 
 from mmoe_ds.moe import RouterConfig, TorchMoE
 from mmoe_ds.moe.deepspeed_layer import DeepSpeedMoE
-from mmoe_ds.teardown import exit_process
+from mmoe_ds.training.teardown import exit_process
 from naive_moe import naive_moe
 
 D, F, E = 16, 32, 4
@@ -173,7 +173,7 @@ def finish_worker(out: str, rank: int, result: dict) -> None:
     """Write this rank's result as `<out>.rank<r>.json` and exit."""
     with open(f"{out}.rank{rank}.json", "w") as f:
         json.dump(result, f)
-    exit_process(0)  # tear gloo down before the interpreter does (see mmoe_ds/teardown.py)
+    exit_process(0)  # tear gloo down before the interpreter does (see mmoe_ds/training/teardown.py)
 
 
 def main() -> None:

@@ -5,8 +5,8 @@ EP 2 x DP 2, EP 4 x DP 1 and EP 1 x DP 4 on the same global batch (each rank its
 a naive reference: the whole model with every expert in one process (`moe_backend="torch"`), its
 loss the mean of the four ranks' losses, computed on every rank without communication. The
 optimizer is plain SGD through DeepSpeed (ZeRO-1), so the parameters after a step show the reduced
-gradient itself: p - lr * g. Then a checkpoint written at EP 2 x DP 2 (mmoe_ds.checkpoint.save) is
-resumed at EP 4 and at EP 1 (mmoe_ds.checkpoint.resume), and each takes the next step, against
+gradient itself: p - lr * g. Then a checkpoint written at EP 2 x DP 2 (mmoe_ds.training.checkpoint.save) is
+resumed at EP 4 and at EP 1 (mmoe_ds.training.checkpoint.resume), and each takes the next step, against
 the EP 2 x DP 2 run that continues.
 
 Routing is dropless, so no token is dropped in any layout (with a capacity, the slots are agreed
@@ -21,7 +21,7 @@ import deepspeed
 import torch
 import torch.distributed as dist
 
-from mmoe_ds import checkpoint
+from mmoe_ds.training import checkpoint
 from mmoe_ds.model import MmoeConfig, MmoeForCausalLM
 from ep_worker import finish_worker, start_worker
 

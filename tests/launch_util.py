@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mmoe_ds import launch_env
+from mmoe_ds.config import launch_env
 
 REPO = Path(__file__).resolve().parents[1]
 

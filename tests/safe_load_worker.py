@@ -1,9 +1,9 @@
 """One process, no launcher (RANK/WORLD_SIZE/MASTER_* set by the test): a tiny model on a real
 DeepSpeed engine (ZeRO 1, fp32, ep_size 1).
 
-`save OUT`: one training step, then `mmoe_ds.checkpoint.save` at step 1 (DeepSpeed's model, expert
+`save OUT`: one training step, then `mmoe_ds.training.checkpoint.save` at step 1 (DeepSpeed's model, expert
 and optimizer files, our meta.json and rank0_state.pt). `resume OUT...`: for each run folder,
-`mmoe_ds.checkpoint.resume` into a freshly initialised engine. Both print
+`mmoe_ds.training.checkpoint.resume` into a freshly initialised engine. Both print
 `RESULTS {json}`: the weights' checksum after the step / after each resume, or the error."""
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import sys
 import deepspeed
 import torch
 
-from mmoe_ds import checkpoint
+from mmoe_ds.training import checkpoint
 from mmoe_ds.model import MmoeConfig, MmoeForCausalLM
-from mmoe_ds.recipe import load_ds_config
-from mmoe_ds.teardown import exit_process
+from mmoe_ds.config.recipe import load_ds_config
+from mmoe_ds.training.teardown import exit_process
 
 MODEL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32,
          "moe_intermediate_size": 16, "num_local_experts": 4, "num_experts_per_tok": {"image": 1, "text": 2},
@@ -69,4 +69,4 @@ if __name__ == "__main__":
     deepspeed.init_distributed(dist_backend="gloo")
     result = save(sys.argv[2]) if sys.argv[1] == "save" else resume(sys.argv[2:])
     print("RESULTS " + json.dumps(result), flush=True)
-    exit_process(0)  # tear gloo down before the interpreter does (see mmoe_ds/teardown.py)
+    exit_process(0)  # tear gloo down before the interpreter does (see mmoe_ds/training/teardown.py)

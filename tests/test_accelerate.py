@@ -18,8 +18,8 @@ from launch_util import LaunchResult, child_env, free_port, run_process
 from test_slurm import assert_two_rank_run
 from test_training import DS_CONFIG, write_recipe
 
-from mmoe_ds.launch_env import deepspeed_config_path
-from mmoe_ds.recipe import ConfigError
+from mmoe_ds.config.launch_env import deepspeed_config_path
+from mmoe_ds.errors import ConfigError
 
 pytest.importorskip("accelerate", reason="accelerate is not installed (pip install accelerate)")
 

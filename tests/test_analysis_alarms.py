@@ -6,7 +6,7 @@ import json
 import pytest
 
 from mmoe_ds.analysis.alarms import AlarmThresholds, routing_alarms
-from mmoe_ds.metrics import MetricsWriter
+from mmoe_ds.training.metrics_writer import MetricsWriter
 
 
 def entry(image_routed, text_routed, image_tokens, text_tokens):

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from mmoe_ds.caption import caption_images, main as caption_main
+from mmoe_ds.export.caption import caption_images, main as caption_main
 from test_hub_export import make_export
 
 REPO = Path(__file__).resolve().parents[1]

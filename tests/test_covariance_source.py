@@ -15,7 +15,7 @@ from mmoe_ds.data.sources import PrepareReport, SourceError
 from mmoe_ds.data.sources.covariance import (CLASSES, ORIENTATIONS, SCALES, SMALL, CovarianceSource, amplitude,
                                              lexicon, texture)
 from mmoe_ds.model import MmoeConfig, MmoeForCausalLM
-from mmoe_ds.recipe_data import class_rank_source
+from mmoe_ds.training.data_plan import class_rank_source
 
 
 @pytest.fixture(scope="module")

@@ -157,7 +157,7 @@ def test_dockerignore_matcher_on_literal_paths():
     ignored = [".venv/bin/python", ".git/HEAD", "data/embedded/manifest.json", "runs/demo/metrics.jsonl",
                "mmoe_ds/__pycache__/train.cpython-311.pyc", "mmoe_ds/data/__pycache__/x.pyc",
                "dist/mmoe_ds-0.1.0-py3-none-any.whl", "mmoe_ds.egg-info/PKG-INFO", ".pytest_cache/v/x"]
-    kept = ["pyproject.toml", "README.md", "mmoe_ds/train.py", "mmoe_ds/data/prepare.py",
+    kept = ["pyproject.toml", "README.md", "mmoe_ds/training/main.py", "mmoe_ds/data/prepare.py",
             "requirements/constraints.txt", "recipes/gpu_node.json", "ds_configs/zero1_bf16.json",
             "launch/demo.sh", "mmoe_ds/dataset.py"]
     assert [p for p in ignored if not is_ignored(p, patterns)] == []

@@ -76,7 +76,7 @@ def worker_results(worker_output) -> dict[str, str]:
 
 
 def test_the_memory_plan_counts_the_optimizer_bytes_a_real_engine_holds(worker_output):
-    """mmoe_ds/plan.py's optimizer term (Adam's moments + fp32 masters, as DeepSpeed holds them at
+    """mmoe_ds/training/plan.py's optimizer term (Adam's moments + fp32 masters, as DeepSpeed holds them at
     ZeRO 0/1/2 in fp32/bf16/fp16) equals what the engine's optimizer holds after a step, within 1%."""
     optimizer = worker_output["OPTIMIZER"]
     assert "failure" not in optimizer, optimizer.get("failure")

@@ -27,11 +27,11 @@ def runner(small_dataset, tmp_path_factory) -> Runner:
 
 
 def build(recipe_dict: dict):
-    """The step-0 model and the first batches of a run, built as mmoe_ds.train.Trainer.setup builds them."""
+    """The step-0 model and the first batches of a run, built as mmoe_ds.training.trainer.Trainer.setup builds them."""
     from mmoe_ds.model import MmoeConfig, MmoeForCausalLM
-    from mmoe_ds.recipe import Recipe
-    from mmoe_ds.recipe_data import load_processor, make_train_loader
-    from mmoe_ds.train import Trainer, bind_moe_layers
+    from mmoe_ds.config.recipe import Recipe
+    from mmoe_ds.training.data_plan import load_processor, make_train_loader
+    from mmoe_ds.training.trainer import Trainer, bind_moe_layers
 
     recipe = Recipe.from_dict(recipe_dict)
     trainer = Trainer(recipe, {}, 1)
@@ -157,8 +157,9 @@ def test_docs_say_cannot_tell_at_chance_and_state_the_primary_target():
 # -- train.param_groups ----------------------------------------------------------------------------
 def test_param_groups_put_the_router_at_its_own_learning_rate():
     from mmoe_ds.model import MmoeConfig, MmoeForCausalLM
-    from mmoe_ds.recipe import ConfigError, Recipe
-    from mmoe_ds.train import optimizer_groups
+    from mmoe_ds.errors import ConfigError
+    from mmoe_ds.config.recipe import Recipe
+    from mmoe_ds.training.trainer import optimizer_groups
 
     torch.manual_seed(0)
     model = MmoeForCausalLM(MmoeConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,

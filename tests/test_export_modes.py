@@ -17,8 +17,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from mmoe_ds import checkpoint
-from mmoe_ds.atomic import atomic_write_bytes, atomic_write_text, staged_directory
+from mmoe_ds.training import checkpoint
+from mmoe_ds.io.atomic import atomic_write_bytes, atomic_write_text, staged_directory
 from mmoe_ds.export import save_export
 from mmoe_ds.model import MmoeForCausalLM
 from test_model import tiny_config

@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmoe_ds.caption import caption_images
+from mmoe_ds.export.caption import caption_images
 from mmoe_ds.data import MmoeProcessor
 from mmoe_ds.data.tokenizer import train_tokenizer
 from mmoe_ds.export import main as export_main
@@ -118,7 +118,7 @@ def test_card_example_captions_a_pil_image_with_auto_classes_without_mmoe_ds(tmp
         expected_logits = model(input_ids=batch["input_ids"], pixel_patches=batch["pixel_patches"],
                                 attention_mask=batch["attention_mask"]).logits
     example = card_example(export_dir).replace(MODEL_ID_PLACEHOLDER, str(export_dir))
-    script = example + textwrap.dedent(f"""
+    script = example + textwrap.dedent("""
         import json
         assert type(processor).__module__.startswith("transformers_modules"), type(processor).__module__
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
@@ -126,8 +126,8 @@ def test_card_example_captions_a_pil_image_with_auto_classes_without_mmoe_ds(tmp
         with torch.no_grad():
             logits = model(input_ids=b["input_ids"], pixel_patches=b["pixel_patches"],
                            attention_mask=b["attention_mask"]).logits
-        torch.save({{"logits": logits, "prompt": dict(inputs), "batch": dict(b)}}, "out.pt")
-        print(json.dumps({{"caption": caption}}))
+        torch.save({"logits": logits, "prompt": dict(inputs), "batch": dict(b)}, "out.pt")
+        print(json.dumps({"caption": caption}))
     """)
     proc = run_blocked(script, tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]

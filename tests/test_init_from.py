@@ -17,8 +17,9 @@ from launch_util import REPO, deepspeed_launch
 from mmoe_ds.data import MmoeProcessor
 from mmoe_ds.export import save_export
 from mmoe_ds.model import MmoeConfig, MmoeForCausalLM
-from mmoe_ds.recipe import ConfigError, DataSection, Recipe
-from mmoe_ds.recipe_data import load_processor, make_train_loader
+from mmoe_ds.errors import ConfigError
+from mmoe_ds.config.recipe import DataSection, Recipe
+from mmoe_ds.training.data_plan import load_processor, make_train_loader
 
 COMPOSITION = {"image_text": 4, "text": 1, "image": 1}
 MODEL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -199,7 +200,7 @@ def test_recipe_may_override_only_routing_and_loss_fields(tmp_path):
 
 
 def test_check_names_a_missing_or_foreign_init_from(source, small_dataset, tmp_path, capsys):
-    from mmoe_ds.train import main
+    from mmoe_ds.training.main import main
 
     config = str(REPO / "ds_configs/cpu_zero1_fp32.json")
     later = tmp_path / "not_yet"
@@ -222,7 +223,7 @@ def test_check_names_a_missing_or_foreign_init_from(source, small_dataset, tmp_p
 
 
 def test_patterns_that_match_nothing_and_weights_that_do_not_fit_are_named(source, tmp_path):
-    from mmoe_ds.init_from import freeze, load_init_weights, read_init_source
+    from mmoe_ds.training.init_from import freeze, load_init_weights, read_init_source
 
     src = read_init_source(source)
 
@@ -254,8 +255,8 @@ def test_the_gpu_recipe_passes_check_on_8_processes_without_any_weights(tmp_path
     from transformers import Qwen2Config, SiglipVisionConfig
 
     from mmoe_ds.model.vision import vision_config_from_pretrained
-    from mmoe_ds.train import main
-    from mmoe_ds.upcycle import PreparedTokenizer, UpcycleOptions, build_config
+    from mmoe_ds.training.main import main
+    from mmoe_ds.export.upcycle import PreparedTokenizer, UpcycleOptions, build_config
 
     config = str(REPO / "ds_configs/finetune_zero1_bf16.json")
     recipe_file = str(REPO / "recipes/upcycle_gpu.json")

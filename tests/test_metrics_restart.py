@@ -14,7 +14,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
-from mmoe_ds.metrics import MetricsWriter
+from mmoe_ds.training.metrics_writer import MetricsWriter
 
 
 class TensorBoardOnly:

@@ -7,12 +7,11 @@ import json
 from types import SimpleNamespace
 
 import pytest
-import torch
 
 from launch_util import REPO
-from mmoe_ds.plan import count_parameters, parse_bytes, plan_run
-from mmoe_ds.recipe import Recipe, load_ds_config
-from mmoe_ds.train import main as train_main
+from mmoe_ds.training.plan import count_parameters, parse_bytes, plan_run
+from mmoe_ds.config.recipe import Recipe, load_ds_config
+from mmoe_ds.training.main import main as train_main
 
 DEMO = Recipe.load(REPO / "recipes/demo_cpu.json")
 DEMO_MODEL = dict(DEMO.model, vocab_size=64)
@@ -74,7 +73,7 @@ def upcycled_gpu_recipe(tmp_path, width: int = 1, depth: int = 1):
     from transformers import Qwen2Config, SiglipVisionConfig
 
     from mmoe_ds.model.vision import vision_config_from_pretrained
-    from mmoe_ds.upcycle import PreparedTokenizer, UpcycleOptions, build_config
+    from mmoe_ds.export.upcycle import PreparedTokenizer, UpcycleOptions, build_config
 
     SiglipVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                        image_size=224, patch_size=16).save_pretrained(tmp_path / "siglip")
@@ -110,7 +109,7 @@ def test_check_prints_the_per_gpu_table_of_the_upcycled_gpu_recipe(tmp_path, cap
 
 def test_a_model_ten_times_larger_is_refused_in_one_line_naming_the_largest_term_and_two_ways_out(tmp_path, capsys):
     recipe = upcycled_gpu_recipe(tmp_path, width=2, depth=3)  # 2x wide, 3x deep
-    from mmoe_ds.plan import main as plan_main
+    from mmoe_ds.training.plan import main as plan_main
 
     rc = plan_main([recipe, str(REPO / "ds_configs/finetune_zero1_bf16.json"), "--world_size", "8",
                     "--gpu-memory", "80GB"])

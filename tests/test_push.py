@@ -20,7 +20,7 @@ import pytest
 from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl, get_token
 from huggingface_hub.utils import filter_repo_objects
 
-from mmoe_ds.push import IGNORE, main as push_main
+from mmoe_ds.export.push import IGNORE, main as push_main
 from mmoe_ds.export.card import model_card
 from test_hub_export import LICENSES, METRICS, make_export
 from test_model import tiny_config
@@ -152,9 +152,9 @@ def test_token_from_the_environment_appears_in_no_output_and_no_file(export_dir,
     token = "hf_test" + secrets.token_hex(16)
     env = dict(os.environ, HF_TOKEN=token, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"),
                PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    dry = subprocess.run([sys.executable, "-m", "mmoe_ds.push", str(export_dir), REPO, "--dry-run"], env=env,
+    dry = subprocess.run([sys.executable, "-m", "mmoe_ds.export.push", str(export_dir), REPO, "--dry-run"], env=env,
                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    script = ("from test_push import RecordingHfApi\nfrom mmoe_ds.push import main\napi = RecordingHfApi()\n"
+    script = ("from test_push import RecordingHfApi\nfrom mmoe_ds.export.push import main\napi = RecordingHfApi()\n"
               f"assert main([{str(export_dir)!r}, {REPO!r}, '--private'], api=api) == 0\n"
               "upload = api.calls[-1][1]\nassert upload['token_resolves'] and 'token' not in upload, upload\n"
               "print(api.calls)\n")
@@ -204,7 +204,7 @@ def test_cli_push_over_real_http_sends_the_token_only_as_a_header_and_fails_in_o
     try:
         env = dict(os.environ, HF_TOKEN=token, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf_home"),
                    HF_ENDPOINT=f"http://127.0.0.1:{server.server_address[1]}")
-        proc = subprocess.run([sys.executable, "-m", "mmoe_ds.push", str(export_dir), REPO], env=env,
+        proc = subprocess.run([sys.executable, "-m", "mmoe_ds.export.push", str(export_dir), REPO], env=env,
                               capture_output=True, text=True, timeout=300, cwd=tmp_path)
     finally:
         server.shutdown()

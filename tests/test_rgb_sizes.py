@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mmoe_ds.caption import caption_images
+from mmoe_ds.export.caption import caption_images
 from mmoe_ds.data import MmoeProcessor
 from mmoe_ds.data.tokenizer import train_tokenizer
 from mmoe_ds.export import save_export

@@ -31,12 +31,12 @@ import pytest
 import torch
 
 from launch_util import REPO, free_port
-from mmoe_ds.checkpoint import IncompleteCheckpointError
+from mmoe_ds.errors import IncompleteCheckpointError
 from mmoe_ds.cli import main as cli_main
 from mmoe_ds.export import export
 from mmoe_ds.export.gather import load_checkpoint_model
-from mmoe_ds.safe_load import (RNG_STATE_GLOBALS, UnsafeCheckpointError, allowed_globals, deepspeed_globals,
-                              pickle_globals, safe_torch_load)
+from mmoe_ds.io.safe_load import RNG_STATE_GLOBALS, allowed_globals, deepspeed_globals, pickle_globals, safe_torch_load
+from mmoe_ds.errors import UnsafeCheckpointError
 
 TAG = "checkpoints/step00000001"
 MODEL_FILE = "mp_rank_00_model_states.pt"
@@ -88,7 +88,7 @@ def trusted(tmp_path_factory) -> tuple[Path, float]:
 
 def record_sizes(tag_dir: Path) -> None:
     """Re-record the tag's file sizes in meta.json, as an attacker who rewrites a file would (else the
-    size check of mmoe_ds.checkpoint.verify_tag refuses the file before its pickle is read)."""
+    size check of mmoe_ds.training.checkpoint.verify_tag refuses the file before its pickle is read)."""
     meta = json.loads((tag_dir / "meta.json").read_text())
     meta["files"] = {name: (tag_dir / name).stat().st_size for name in meta["files"]}
     (tag_dir / "meta.json").write_text(json.dumps(meta))

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from launch_util import REPO, SharedLaunch, launch
-from mmoe_ds import scaling
+from mmoe_ds.training import scaling
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +33,14 @@ def test_the_formula_equals_the_bytes_moved_on_four_processes(four_processes):
     assert ep2[0] == ep2[1] and ep2[2] == ep2[3] and ep2[0] != ep2[2]
     committed = json.loads((REPO / scaling.MEASURED).read_text())["rows"]
     assert [r for r in committed if r["world_size"] == 4] == sorted(rows, key=lambda r: r["rank"]), \
-        "runs/scaling/measured.json is stale: python -m mmoe_ds.scaling --measure"
+        "runs/scaling/measured.json is stale: python -m mmoe_ds.training.scaling --measure"
 
 
 def test_the_doc_is_generated_from_the_committed_measurement():
     measured = json.loads((REPO / scaling.MEASURED).read_text())
     assert {r["world_size"] for r in measured["rows"]} == {2, 4}
     assert all(r["bytes_measured"] == r["bytes_formula"] for r in measured["rows"])
-    assert (REPO / scaling.DOC).read_text() == scaling.render(measured), "run python -m mmoe_ds.scaling"
+    assert (REPO / scaling.DOC).read_text() == scaling.render(measured, REPO), "run python -m mmoe_ds.training.scaling"
 
 
 def test_capacity_matches_the_routers():

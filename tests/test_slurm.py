@@ -22,7 +22,7 @@ import pytest
 from launch_util import REPO, LaunchResult, child_env, free_port, run_process
 from test_training import DS_CONFIG, write_recipe
 
-from mmoe_ds.launch_env import map_slurm_env
+from mmoe_ds.config.launch_env import map_slurm_env
 
 SBATCH = REPO / "launch/slurm/train.sbatch"
 

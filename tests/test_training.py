@@ -156,10 +156,10 @@ def test_checkpoint_moves_between_expert_parallel_sizes(run_a, small_dataset, tm
 
 def test_export_of_ep2_checkpoint_matches_training_time_losses(run_a, small_dataset, tmp_path):
     """Export step 20 (ep_size=2) and recompute step 21's loss on both ranks' batches without DeepSpeed."""
-    from mmoe_ds.checkpoint import set_rng_state
-    from mmoe_ds.recipe_data import load_processor, make_train_loader
+    from mmoe_ds.training.checkpoint import set_rng_state
+    from mmoe_ds.training.data_plan import load_processor, make_train_loader
     from mmoe_ds.export import export
-    from mmoe_ds.recipe import DataSection
+    from mmoe_ds.config.recipe import DataSection
     from transformers import AutoModelForCausalLM
 
     out = export(run_a / "checkpoints" / "step00000020", tmp_path / "export")

@@ -99,7 +99,7 @@ def test_check_rejects_before_deepspeed_is_imported(folder_data, tmp_path):
      ["data.eval_metrics asks for text_ppl", "no 'text' samples in split 'validation'", "remove 'text_ppl'"]),
 ])
 def test_check_rejects_what_the_data_cannot_serve(folder_data, tmp_path, capsys, composition, fields, words):
-    from mmoe_ds.train import main
+    from mmoe_ds.training.main import main
 
     recipe = write_recipe(tmp_path / "r.json", folder_data, tmp_path / "run", composition, **fields)
     assert main(["--check", "--recipe", str(recipe), "--deepspeed_config", DS_CONFIG, "--world_size", "2"]) == 2

@@ -23,7 +23,7 @@ from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralF
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mmoe_ds.model import MmoeForCausalLM
-from mmoe_ds.upcycle import UpcycleError, UpcycleOptions, main, upcycle
+from mmoe_ds.export.upcycle import UpcycleError, UpcycleOptions, main, upcycle
 
 WORDS = [f"w{i}" for i in range(40)]
 TOL = 1e-5

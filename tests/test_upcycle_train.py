@@ -26,9 +26,9 @@ from launch_util import REPO, deepspeed_launch, launch
 from mmoe_ds.data import MmoeProcessor
 from mmoe_ds.export import main as export_main
 from mmoe_ds.model import MmoeForCausalLM
-from mmoe_ds.recipe import DataSection
-from mmoe_ds.recipe_data import make_train_loader
-from mmoe_ds.upcycle import main as upcycle_main
+from mmoe_ds.config.recipe import DataSection
+from mmoe_ds.training.data_plan import make_train_loader
+from mmoe_ds.export.upcycle import main as upcycle_main
 
 COMPOSITION = {"image_text": 4, "text": 1, "image": 1}
 MAX_LENGTH = 32

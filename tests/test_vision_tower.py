@@ -19,7 +19,7 @@ from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionC
 from mmoe_ds.data import MmoeProcessor
 from mmoe_ds.data.pretrained_processor import PretrainedProcessor
 from mmoe_ds.data.tokenizer import train_tokenizer
-from mmoe_ds.init_from import trainable_parameters
+from mmoe_ds.training.init_from import trainable_parameters
 from mmoe_ds.model import MmoeConfig, MmoeForCausalLM
 from mmoe_ds.model.vision import load_tower_weights, vision_config_from_pretrained
 

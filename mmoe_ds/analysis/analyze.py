@@ -25,10 +25,8 @@ from .metrics import mutual_information_bits, nmi, permutation_null_mi, total_va
 from .probe import linear_probe
 from .routing import compute_share, expert_ffn_flops, modality_routing, route_arrays, router_logit_split, \
     soft_mutual_information_bits
+from ..errors import AnalysisInputError
 
-
-class AnalysisInputError(ValueError):
-    """The source, the data or the model cannot be analyzed; the message names the problem and the fix."""
 
 
 # -- loading -------------------------------------------------------------------------------------
@@ -96,7 +94,7 @@ def load_model(src: Source):
 
 def check_probe_data(data_dir: str | os.PathLike) -> int:
     """The number of image+caption samples in the data's test split; AnalysisInputError if there are none."""
-    from ..recipe_data import read_manifest, sample_counts
+    from ..training.data_plan import read_manifest, sample_counts
 
     data_dir = Path(data_dir)
     if not (data_dir / "manifest.json").is_file():
@@ -116,7 +114,7 @@ def check_probe_data(data_dir: str | os.PathLike) -> int:
 
 def probe_batches(processor, data_dir: str | os.PathLike, n_probe: int, seed: int, batch_size: int) -> list[dict]:
     """The probe set: up to `n_probe` test image+caption pairs, encoded and collated in batches."""
-    from ..recipe_data import sample_test_set
+    from ..training.data_plan import sample_test_set
 
     samples = sample_test_set(str(data_dir), n_probe, seed)
     if not samples:

@@ -34,7 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..atomic import atomic_write_text, staged_directory
+from ..io.atomic import atomic_write_text, staged_directory
 from .loader import file_sha256
 from .schema import SAMPLE_KINDS, SPLITS
 from .shards import iter_raw

@@ -31,7 +31,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from ..atomic import staged_directory
+from ..io.atomic import staged_directory
 from .captions import CLASS_NAMES, TEMPLATES
 from .schema import SAMPLE_KINDS, SPLITS
 from .shards import ShardWriter, png_bytes

@@ -15,7 +15,7 @@ import os
 import re
 from pathlib import Path
 
-from mmoe_ds.atomic import atomic_write_text
+from mmoe_ds.io.atomic import atomic_write_text
 
 from .runner import PROTOCOL
 

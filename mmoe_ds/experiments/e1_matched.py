@@ -34,6 +34,7 @@ import numpy as np
 from .runner import (QUALITY, TRAINING_ROUTING_CAVEAT, ExperimentError, Run, RunSpec, Runner, bar_panel,
                      contrast, holm, mode_recipe, new_figure, routing_counts, run_metrics, save_figure, summarize,
                      write_results)
+from .runner import seeds_for
 
 NAME = "e1_matched"
 ROUTER_RECIPE = {"agnostic": "agnostic", "aware": "modality_bias"}
@@ -136,12 +137,6 @@ def spec(cell: Cell, seed: int, target: dict | None = None, coef: float = 0.0, m
         over["router"] = router
     return RunSpec(mode_recipe(ROUTER_RECIPE[cell.router]), seed, {"model": over} if over else {}, dataset=dataset,
                    label=f"{cell.label}{', ' + tag if tag else ''}")
-
-
-def seeds_for(runner: Runner, part: str, seeds: list[int]) -> list[int]:
-    """The first `scale.seed_counts[part]` of `seeds` (all of them when the scale does not limit `part`)."""
-    n = runner.scale.seed_counts.get(part)
-    return list(seeds[:n]) if n else list(seeds)
 
 
 def train_groups(runner: Runner, groups: dict, coef: float) -> dict:

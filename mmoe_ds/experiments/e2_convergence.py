@@ -22,6 +22,7 @@ import numpy as np
 from . import e1_matched
 from .runner import (TRAINING_ROUTING_CAVEAT, ExperimentError, Run, RunSpec, Runner, contrast, counts_of, holm,
                      mode_recipe, new_figure, routing_summary, save_figure, summarize, write_results)
+from .runner import seeds_for
 
 NAME = "e2_convergence"
 MULTIPLES = (1, 2, 5, 10)
@@ -75,7 +76,7 @@ def eval_at(run: Run, step: int) -> dict[str, float]:
 def run(runner: Runner, seeds: list[int], out: Path) -> dict:
     """Train (or reuse) the long runs and E1's aware runs; write results and e2_convergence.png."""
     since = runner.tally()
-    seeds = e1_matched.seeds_for(runner, "e2", seeds)
+    seeds = seeds_for(runner, "e2", seeds)
     steps = runner.scale.steps
     width = max(1, int(round(0.2 * steps)))
     specs = [long_spec(r, s, steps) for r in ("aware", "agnostic") for s in seeds] + \

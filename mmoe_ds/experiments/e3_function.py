@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from mmoe_ds.atomic import atomic_write_text
+from mmoe_ds.io.atomic import atomic_write_text
 
 from .runner import (MODES_DIR, Run, RunSpec, Runner, by_seed, contrast, holm, mode_recipe, new_figure,
                      run_metrics, save_figure, summarize, write_results)
+from .runner import seeds_for
 
 NAME = "e3_function"
 METRICS = (("caption_rank_acc", "caption ranking acc"), ("tv", "probe TV"), ("nmi", "probe NMI"),
@@ -97,7 +98,6 @@ def analysis_metrics(a: dict) -> dict[str, float]:
 def run(runner: Runner, seeds: list[int], out: Path) -> dict:
     """Train (or reuse) every design × seed, analyze each run, write results, e3_cka.png and e3_probe.png."""
     since = runner.tally()
-    from .e1_matched import seeds_for
 
     seeds = seeds_for(runner, "e3", seeds)
     names = designs()

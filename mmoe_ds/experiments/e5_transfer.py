@@ -17,11 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mmoe_ds.atomic import atomic_write_text
+from mmoe_ds.io.atomic import atomic_write_text
 
 from . import e1_matched
 from .runner import (MODALITIES, RunSpec, Runner, by_seed, chance_levels, contrast, holm, mode_recipe, new_figure,
                      save_figure, summarize, write_results)
+from .runner import seeds_for
 
 NAME = "e5_transfer"
 ROUTER_PATTERN = "*.deepspeed_moe.gate.*"
@@ -113,7 +114,7 @@ def finetune_spec(runner: Runner, export: Path, seed: int, variant: str) -> RunS
 def run(runner: Runner, seeds: list[int], out: Path) -> dict:
     """A runs (reused), exports, zero-shot analyses, fine-tunes; write results and e5_transfer.png."""
     since = runner.tally()
-    seeds = e1_matched.seeds_for(runner, "e5", seeds)
+    seeds = seeds_for(runner, "e5", seeds)
     data_a, data_b = runner.dataset("embedded").resolve(), runner.dataset("emoji").resolve()
     a_runs = runner.run_all([e1_matched.spec(e1_matched.AWARE, s) for s in seeds])
     exports = {s: runner.export(r) for s, r in zip(seeds, a_runs)}

@@ -16,6 +16,7 @@ import numpy as np
 from . import e1_matched
 from .runner import (QUALITY as QUALITY_READOUTS, TRAINING_ROUTING_CAVEAT, RunSpec, Runner, bar_panel, by_seed,
                      contrast, holm, new_figure, run_metrics, save_figure, summarize, write_results)
+from .runner import seeds_for
 
 NAME = "e6_audit"
 ROUTERS = ("agnostic", "aware")
@@ -45,7 +46,7 @@ def spec(router: str, mix: str, seed: int, composition: dict | None) -> RunSpec:
 def run(runner: Runner, seeds: list[int], out: Path) -> dict:
     """Train (or reuse) router × mix × seed; write results and e6_audit.png."""
     since = runner.tally()
-    seeds = e1_matched.seeds_for(runner, "e6", seeds)
+    seeds = seeds_for(runner, "e6", seeds)
     default = runner.recipe(e1_matched.spec(e1_matched.AGNOSTIC, seeds[0]))["data"]["composition"]
     compositions = mixes(sum(default.values()))
     keys = [(r, m, s) for r in ROUTERS for m in MIXES for s in seeds]

@@ -28,8 +28,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from mmoe_ds.atomic import atomic_write_text
-from mmoe_ds.launch_env import free_port
+from mmoe_ds.io.atomic import atomic_write_text
+from mmoe_ds.config.launch_env import free_port
+from mmoe_ds.errors import ExperimentError
 
 REPO = Path(__file__).resolve().parents[2]
 MODES_DIR = REPO / "recipes" / "modes"
@@ -47,9 +48,6 @@ TRAINING_ROUTING_CAVEAT = ("Routing is measured on training batches (the trainer
 # seed-paired contrasts with a pre-declared primary, Holm and power). Results without it predate that.
 PROTOCOL = 2
 
-
-class ExperimentError(RuntimeError):
-    """A run or a step of an experiment failed; the message names what and where to look."""
 
 
 # Dict-valued recipe fields that an override replaces whole (a batch mix, a target, pools are one value each).
@@ -575,3 +573,9 @@ def experiment_command(exp_id: str, seeds: Sequence[int], scale: Scale) -> str:
     """The command line that reproduces an experiment."""
     procs = f" --procs {scale.procs}" if scale.name == "gpu" else ""
     return f"python -m mmoe_ds.experiments {exp_id} --seeds {','.join(map(str, seeds))} --scale {scale.name}{procs}"
+
+
+def seeds_for(runner: "Runner", part: str, seeds: list[int]) -> list[int]:
+    """The first `scale.seed_counts[part]` of `seeds` (all of them when the scale does not limit `part`)."""
+    n = runner.scale.seed_counts.get(part)
+    return list(seeds[:n]) if n else list(seeds)

@@ -86,7 +86,7 @@ from torch import Tensor
 
 from mmoe_ds.analysis.metrics import mean_ci95 as analysis_mean_ci95
 from mmoe_ds.analysis.metrics import total_variation
-from mmoe_ds.atomic import atomic_write_bytes, atomic_write_text
+from mmoe_ds.io.atomic import atomic_write_bytes, atomic_write_text
 from mmoe_ds.moe.config import RouterConfig
 from mmoe_ds.moe.experts import ExpertFFN
 from mmoe_ds.moe.layer import MoEOutput, TorchMoE, combine_routes

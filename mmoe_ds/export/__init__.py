@@ -4,7 +4,7 @@ The parts: `gather` merges the per-expert files into one model, `remote_code` sh
 code (flattened, relative imports only) so `AutoModelForCausalLM.from_pretrained(path,
 trust_remote_code=True)` works where neither mmoe_ds nor DeepSpeed is installed (with the
 processor's code, so `AutoProcessor.from_pretrained(path, trust_remote_code=True)` works too),
-`card` writes the Hub model card, and `mmoe_ds.atomic` stages the folder and swaps it in whole.
+`card` writes the Hub model card, and `mmoe_ds.io.atomic` stages the folder and swaps it in whole.
 Weights above `--max-shard-size` are split into safetensors shards with model.safetensors.index.json.
 """
 from __future__ import annotations
@@ -19,10 +19,10 @@ from pathlib import Path
 
 from transformers import GenerationConfig
 
-from ..atomic import staged_directory
+from ..io.atomic import staged_directory
 from ..model import MmoeForCausalLM
-from ..checkpoint import IncompleteCheckpointError
-from ..safe_load import UnsafeCheckpointError
+from ..errors import IncompleteCheckpointError
+from ..errors import UnsafeCheckpointError
 from .card import last_train_record, model_card
 from .gather import gather_state_dict, load_checkpoint_model, resolve_tag_dir
 from .remote_code import AUTO_MAP, CODE_FILES, PROCESSOR_AUTO_MAP, flatten_imports, write_code

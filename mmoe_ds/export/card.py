@@ -24,7 +24,7 @@ TAGS = ["mixture-of-experts", "multimodal", "custom_code", "mmoe-ds"]
 REQUIREMENTS = ("torch", "transformers", "Pillow", "tokenizers", "safetensors", "numpy")
 MODEL_ID_PLACEHOLDER = "path/to/this/export"  # the example's model id; a Hub repo id works the same
 # Final metrics of the checkpoint's evaluation shown as model-index results: key -> (task, metric name, split):
-# the losses come from the validation loaders, ranking and retrieval from the test split (mmoe_ds.evaluate).
+# the losses come from the validation loaders, ranking and retrieval from the test split (mmoe_ds.training.evaluate).
 EVAL_METRICS = {
     "caption_loss": ("image-to-text", "caption cross-entropy (nats/token)", "validation"),
     "caption_rank_acc": ("image-to-text", "zero-shot caption ranking accuracy", "test"),

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import latest_tag, verify_tag
+from ..training.checkpoint import latest_tag, verify_tag
 from ..model import MmoeConfig, MmoeForCausalLM
-from ..safe_load import safe_torch_load
+from ..io.safe_load import safe_torch_load
 
 
 def resolve_tag_dir(ckpt: Path) -> Path:
@@ -34,7 +34,7 @@ def resolve_tag_dir(ckpt: Path) -> Path:
 def gather_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     """Non-expert weights plus every per-expert file, keyed by global expert id.
 
-    The files are read weights-only (`mmoe_ds.safe_load`; DeepSpeed's model files hold tensors,
+    The files are read weights-only (`mmoe_ds.io.safe_load`; DeepSpeed's model files hold tensors,
     containers and strings only): a file whose pickle would run code raises
     `UnsafeCheckpointError` naming it."""
     state = dict(safe_torch_load(tag_dir / "mp_rank_00_model_states.pt")["module"])

@@ -35,17 +35,15 @@ from pathlib import Path
 
 import torch
 
-from .atomic import staged_directory
-from .data.schema import IMAGE_TOKEN
-from .model import MmoeConfig, MmoeForCausalLM
+from ..io.atomic import staged_directory
+from ..data.schema import IMAGE_TOKEN
+from ..model import MmoeConfig, MmoeForCausalLM
+from ..errors import UpcycleError
 
 # Dense LMs this maps one to one: architecture class -> model_type.
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
-
-class UpcycleError(ValueError):
-    """Bad input to `upcycle`: the message names the problem and the fix (one line)."""
 
 
 @dataclass
@@ -334,7 +332,7 @@ def upcycle(lm: str | os.PathLike, out: str | os.PathLike, options: UpcycleOptio
     _check_lm_features(lm_config, arch)
     vision_config = None
     if vision is not None:
-        from .model.vision import vision_config_from_pretrained
+        from ..model.vision import vision_config_from_pretrained
 
         try:
             vision_config = vision_config_from_pretrained(vision)
@@ -354,7 +352,7 @@ def upcycle(lm: str | os.PathLike, out: str | os.PathLike, options: UpcycleOptio
                            "were not mapped from the LM.")
     init_routers(model, options)
     if vision is not None:
-        from .model.vision import load_tower_weights
+        from ..model.vision import load_tower_weights
 
         try:
             load_tower_weights(model.model.vision, vision)
@@ -371,7 +369,7 @@ def build_processor(prepared: PreparedTokenizer, config: MmoeConfig, vision: str
     """The model's processor: the LM's tokenizer with `<image>` (a missing pad / bos is handled by
     the processor), and with a vision model its own image processor (preprocessor_config.json);
     without one, the patch geometry of the config. Errors (no image processor, no <eos>) -> UpcycleError."""
-    from .data.pretrained_processor import PretrainedProcessor
+    from ..data.pretrained_processor import PretrainedProcessor
 
     try:
         return PretrainedProcessor.from_components(prepared.tokenizer, vision, config)
@@ -383,8 +381,8 @@ def write_upcycled(model: MmoeForCausalLM, out: str | os.PathLike, processor, im
                    options: UpcycleOptions, vision) -> None:
     """The `mmoe-ds export` layout: weights, config (auto_map), generation config, remote code,
     tokenizer / processor, card; staged in a temp folder and swapped in whole."""
-    from .export import add_processor_auto_map, write_code, write_model
-    from .export.card import model_card
+    from . import add_processor_auto_map, write_code, write_model
+    from .card import model_card
 
     with staged_directory(out, normalize_modes=True) as tmp:
         write_model(model, tmp)

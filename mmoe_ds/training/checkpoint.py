@@ -26,19 +26,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .atomic import atomic_open, atomic_write_text
-from .recipe import ConfigError
-from .safe_load import RNG_STATE_GLOBALS, SafeLoadCheckpointEngine, deepspeed_globals, safe_torch_load
+from ..io.atomic import atomic_open, atomic_write_text
+from ..io.safe_load import RNG_STATE_GLOBALS, SafeLoadCheckpointEngine, deepspeed_globals, safe_torch_load
+from ..errors import IncompleteCheckpointError
 
 __all__ = ["IncompleteCheckpointError", "atomic_write_text", "checkpoint_dir", "latest_tag", "resume", "rng_state",
            "save", "set_rng_state", "verify_tag"]
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
 
-
-class IncompleteCheckpointError(ConfigError):
-    """A checkpoint whose files are not all there (or not whole): refused rather than replaced by a
-    fresh start or by another checkpoint. A `ConfigError`: the trainer stops before training."""
 
 
 def rng_state() -> dict:
@@ -76,7 +72,7 @@ def expected_files(meta: dict, model_only: bool = False) -> list[str]:
     """The files a tag written with `meta` must hold whatever wrote it: the model file, one file per
     expert per MoE layer (DeepSpeed numbers MoE layers in order) and, unless `model_only`, each
     rank's state."""
-    from .model import MmoeConfig
+    from ..model import MmoeConfig
 
     config = MmoeConfig(**dict(meta["model_config"], moe_backend="torch", ep_size=1))
     moe_layers = sum(config.is_moe_layer(i) for i in range(config.num_hidden_layers))
@@ -160,7 +156,7 @@ def resume(engine, output_dir: str, ep_size: int, world_size: int) -> tuple[dict
     A different ep_size reloads the weights (DeepSpeed regroups the per-expert files) but not
     the optimizer state, whose shards are laid out per expert-parallel rank.
 
-    Every file is read weights-only (`mmoe_ds.safe_load`): a file whose pickle would run code
+    Every file is read weights-only (`mmoe_ds.io.safe_load`): a file whose pickle would run code
     raises `UnsafeCheckpointError` naming it (a `ConfigError`: the trainer stops before training).
     """
     ckpt_dir = checkpoint_dir(output_dir)

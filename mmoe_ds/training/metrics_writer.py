@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .atomic import atomic_write_text
+from ..io.atomic import atomic_write_text
 
 
 class MetricsWriter:

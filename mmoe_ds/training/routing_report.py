@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .moe.router import RoutingStats
+from ..moe.router import RoutingStats
 
 
 def utilization_percent(stats: RoutingStats) -> np.ndarray:

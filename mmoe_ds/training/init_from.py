@@ -32,11 +32,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .recipe import ConfigError
+from ..errors import ConfigError
 
-# Recipe `model` fields that may change a model started from `train.init_from`: no weight depends on them.
-OVERRIDABLE_FIELDS = ("router", "num_experts_per_tok", "router_aux_loss_coef", "image_loss_coef",
-                      "output_router_logits", "freeze_vision_tower")
 # config.json keys that are not MmoeConfig arguments, or that the trainer sets itself.
 _NOT_CONFIG_KEYS = ("auto_map", "architectures", "model_type", "transformers_version", "dtype", "torch_dtype",
                     "moe_backend", "ep_size", "_name_or_path")
@@ -75,14 +72,6 @@ class InitReport:
         return (f"initialised from {path}: {len(self.loaded)} tensors loaded"
                 + (f", {len(self.reinitialised)} re-initialised (train.reinit)" if self.reinitialised else ""))
 
-
-def check_overrides(model_section: dict, where: str) -> None:
-    """Raise ConfigError if a recipe starting from `train.init_from` sets a model field that is not overridable."""
-    fixed = sorted(set(model_section) - set(OVERRIDABLE_FIELDS))
-    if fixed:
-        raise ConfigError(f"{where}: model.{fixed[0]} cannot be changed when starting from train.init_from (the "
-                          f"weights fix it{'; also ' + ', '.join(f'model.{f}' for f in fixed[1:]) if fixed[1:] else ''}); "
-                          f"remove it from the recipe's model section (only {list(OVERRIDABLE_FIELDS)} may be set).")
 
 
 def read_init_source(path: str | Path, where: str = "train.init_from", need_weights: bool = True) -> InitSource:

@@ -28,10 +28,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from .data.captions import class_captions
-from .moe.router import RoutingStats
-from .recipe_data import EvalPlan, make_eval_loader, sample_test_set
-from .report import write_routing_report
+from ..data.captions import class_captions
+from ..moe.router import RoutingStats
+from .data_plan import EvalPlan, make_eval_loader, sample_test_set
+from .routing_report import write_routing_report
 
 SUM_NAMES = ("caption_sum", "caption_tokens", "text_sum", "text_tokens", "retrieval_r1", "retrieval_r5",
              "retrieval_queries", "rank_correct", "rank_images")

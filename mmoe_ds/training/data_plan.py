@@ -2,7 +2,7 @@
 (before any worker starts), its loaders, what evaluation can measure on it, and samples drawn
 across a test split (retrieval, class ranking, the caption demo).
 
-Used by `mmoe_ds.train`, `mmoe_ds.evaluate` and `mmoe_ds.caption`. Reads only the manifest for
+Used by `mmoe_ds.train`, `mmoe_ds.training.evaluate` and `mmoe_ds.export.caption`. Reads only the manifest for
 the checks (no DeepSpeed, no shard reads), so `train --check` stays fast.
 """
 from __future__ import annotations
@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .data.captions import CLASS_NAMES
-from .data.loader import BalancedLoader, LoaderConfig, shard_kinds, shard_location
-from .data.processor import MmoeProcessor
-from .data.shards import decode, iter_raw
-from .recipe import EVAL_METRICS, SAMPLE_KINDS, ConfigError, DataSection
+from ..data.captions import CLASS_NAMES
+from ..data.loader import BalancedLoader, LoaderConfig, shard_kinds, shard_location
+from ..data.processor import MmoeProcessor
+from ..data.shards import decode, iter_raw
+from ..config.recipe import EVAL_METRICS, SAMPLE_KINDS, DataSection
+from ..errors import ConfigError
 CLASS_RANK_SOURCES = ("fashion_mnist", "digits", "covariance")  # labelled sources, in order of preference
 
 
@@ -53,7 +54,7 @@ def ensure_dataset(data: DataSection) -> None:
         return
     if not builds_embedded(data):
         raise ConfigError(missing_dataset(data))
-    from .data.prepare import main as prepare
+    from ..data.prepare import main as prepare
 
     prepare(["--source", "embedded", "--out", data.dir, "--max-length", str(data.max_length)])
 

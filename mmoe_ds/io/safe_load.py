@@ -31,16 +31,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .recipe import ConfigError
+from ..errors import UnsafeCheckpointError
 
 __all__ = ["UnsafeCheckpointError", "SafeLoadCheckpointEngine", "RNG_STATE_GLOBALS", "allowed_globals",
            "deepspeed_globals", "pickle_globals", "safe_torch_load"]
 
-
-class UnsafeCheckpointError(ConfigError):
-    """A checkpoint file whose pickle would run code (or build a type not on the allow-list) if loaded.
-
-    A `ConfigError`, so the trainer reports it before training like any other bad input."""
 
 
 def _numpy_reconstruct() -> Callable:

@@ -19,6 +19,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from ..errors import NotAnExport
 
 REQUIRED = {"config.json": "the model config", "README.md": "the model card",
             "processor_config.json": "the processor"}
@@ -35,9 +36,6 @@ SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 IGNORE = [".*", "*/.*", "__pycache__/*", "*/__pycache__/*", "*.pyc", "*.pt", "*.bin", "*.pth", "*.pkl", "*.ckpt",
           "*tfevents*"]
 
-
-class NotAnExport(ValueError):
-    """The folder is not a complete export; the message names what is missing and the fix."""
 
 
 @dataclass
@@ -109,7 +107,7 @@ def plan_push(export_dir: str | Path, repo_id: str) -> PushPlan:
 def export_names(root: Path) -> set[str]:
     """The file names an export may hold at its top level: EXPORT_FILES, weight shards (SHARD_NAME, or
     named by the index), and the shipped code (mmoe_ds.export.remote_code's files and the auto_maps' modules)."""
-    from .export.remote_code import CODE_FILES, OPTIONAL_CODE_FILES, PROCESSOR_CODE_FILES, PROCESSOR_DEPENDENCIES
+    from .remote_code import CODE_FILES, OPTIONAL_CODE_FILES, PROCESSOR_CODE_FILES, PROCESSOR_DEPENDENCIES
 
     names = set(EXPORT_FILES) | {n for n in os.listdir(root) if SHARD_NAME.fullmatch(n)}
     names |= {*CODE_FILES.values(), *OPTIONAL_CODE_FILES.values(), *PROCESSOR_CODE_FILES.values(),

@@ -11,14 +11,15 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from ..errors import ConfigError
 
 SAMPLE_KINDS = ("image_text", "text", "image")
 # What evaluation can measure; `data.eval_metrics: "auto"` measures whatever the prepared data serves.
 EVAL_METRICS = ("caption_loss", "text_ppl", "retrieval", "class_rank")
+# Recipe `model` fields that may change a model started from `train.init_from`: no weight depends on them.
+OVERRIDABLE_FIELDS = ("router", "num_experts_per_tok", "router_aux_loss_coef", "image_loss_coef",
+                      "output_router_logits", "freeze_vision_tower")
 
-
-class ConfigError(ValueError):
-    """A configuration problem, reported before training starts."""
 
 
 @dataclass
@@ -49,7 +50,7 @@ class TrainSection:
     checkpoint_every: int = 100
     keep_last: int = 2
     progress_bar: bool = True
-    # Start from an HF folder (`mmoe-ds export` / `mmoe-ds upcycle` output); see mmoe_ds/init_from.py.
+    # Start from an HF folder (`mmoe-ds export` / `mmoe-ds upcycle` output); see mmoe_ds/training/init_from.py.
     init_from: str | None = None
     freeze: list[str] = field(default_factory=list)  # fnmatch patterns of parameters that do not train
     reinit: list[str] = field(default_factory=list)  # fnmatch patterns of init_from parameters started fresh
@@ -140,10 +141,8 @@ class Recipe:
             if not isinstance(t.init_from, str) or not t.init_from:
                 raise ConfigError(f"{p}: train.init_from must be the path of an `mmoe-ds export` or `mmoe-ds upcycle` "
                                   f"folder (got {t.init_from!r}).")
-            from .init_from import check_overrides
-
             check_overrides(self.model, p)
-            return  # the model's other checks need the folder's config.json: see mmoe_ds.train.check_init_from
+            return  # the model's other checks need the folder's config.json: see mmoe_ds.training.checks.check_init_from
         if self.model.get("vision_encoder", "patch") != "patch":
             raise ConfigError(f"{p}: model.vision_encoder={self.model['vision_encoder']!r} needs the vision model's "
                               f"weights and image processor; build the model with `mmoe-ds upcycle --lm LM --vision "
@@ -216,3 +215,11 @@ def validate_launch(recipe: Recipe, ds_config: dict, ds_path: str, world_size: i
         tb["output_path"] = str(Path(recipe.train.output_dir) / "tensorboard")
         tb.setdefault("job_name", "mmoe")
     return config
+
+def check_overrides(model_section: dict, where: str) -> None:
+    """Raise ConfigError if a recipe starting from `train.init_from` sets a model field that is not overridable."""
+    fixed = sorted(set(model_section) - set(OVERRIDABLE_FIELDS))
+    if fixed:
+        raise ConfigError(f"{where}: model.{fixed[0]} cannot be changed when starting from train.init_from (the "
+                          f"weights fix it{'; also ' + ', '.join(f'model.{f}' for f in fixed[1:]) if fixed[1:] else ''}); "
+                          f"remove it from the recipe's model section (only {list(OVERRIDABLE_FIELDS)} may be set).")

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .recipe import ConfigError
+from ..errors import ConfigError
 
 EXPERT_MARK = ".deepspeed_experts."
 GIB = 1024 ** 3
@@ -79,7 +79,7 @@ class ParamCounts:
 def count_parameters(model_kwargs: dict, freeze: list[str] | None = None) -> ParamCounts:
     """Exact counts from the model built on the meta device; `freeze`: train.freeze patterns."""
     from .init_from import match
-    from .model import MmoeConfig, MmoeForCausalLM
+    from ..model import MmoeConfig, MmoeForCausalLM
 
     with torch.device("meta"):
         model = MmoeForCausalLM(MmoeConfig(**dict(model_kwargs, moe_backend="torch", ep_size=1)))
@@ -191,7 +191,7 @@ def activation_bytes(config, micro_batch: int, seq_len: int, dtype_bytes: int) -
     other = tokens * (3 * h * dtype_bytes + config.vocab_size * (dtype_bytes + 4))
     out = {"attention": attention, "dense FFN": dense, "MoE FFN": moe, "embeddings + logits": other}
     if config.vision_encoder == "hf":
-        from .model.vision import patch_grid
+        from ..model.vision import patch_grid
 
         width = patch_grid(config.vision_config)[2]
         out["vision projector"] = tokens * (width + h) * dtype_bytes  # upper bound: every token an image token
@@ -220,7 +220,7 @@ def forward_flops_per_token(config, counts: ParamCounts, seq_len: int) -> dict[s
 def plan_run(model_kwargs: dict, ds_config: dict, world_size: int, ep_size: int, micro_batch: int, seq_len: int,
              freeze: list[str] | None = None, gpu_memory: int | None = None, headroom: float = 0.1) -> Plan:
     """The per-GPU memory plan (see the module docstring)."""
-    from .model import MmoeConfig
+    from ..model import MmoeConfig
 
     if world_size % ep_size:
         raise ConfigError(f"expert_parallel_size={ep_size} must divide the {world_size} processes.")
@@ -261,14 +261,14 @@ def recipe_model_kwargs(recipe) -> tuple[dict | None, str]:
     dataset's processor. Returns (kwargs, "") or (None, why the plan cannot be made yet)."""
     from pathlib import Path
 
-    from .recipe_data import load_processor, processor_model_kwargs
+    from .data_plan import load_processor, processor_model_kwargs
 
     path = recipe.train.init_from
     if path:
         if not (Path(path) / "config.json").is_file():
             return None, f"no memory plan yet: it needs {path}/config.json (run `mmoe-ds upcycle` first)"
         from .init_from import read_init_source
-        from .train import init_model_kwargs
+        from .checks import init_model_kwargs
 
         return init_model_kwargs(recipe, read_init_source(path, need_weights=False)), ""
     if not (Path(recipe.data.dir) / "processor").is_dir():
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    from .recipe import Recipe, load_ds_config, validate_launch
+    from ..config.recipe import Recipe, load_ds_config, validate_launch
 
     parser = argparse.ArgumentParser(prog="mmoe-ds plan", description="Per-GPU memory and FLOPs of a run.")
     parser.add_argument("recipe")

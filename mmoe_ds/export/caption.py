@@ -109,7 +109,7 @@ def main(argv: list[str]) -> int:
         return 2
     from transformers import AutoModelForCausalLM
 
-    from .data.processor import MmoeProcessor
+    from ..data.processor import MmoeProcessor
 
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, trust_remote_code=True).eval()
     processor = MmoeProcessor.from_pretrained(args.model_dir)
@@ -118,7 +118,7 @@ def main(argv: list[str]) -> int:
             print("mmoe-ds caption: none of the files is a readable image.", file=sys.stderr)
             return 2
         return 0
-    from .recipe_data import sample_test_set
+    from ..training.data_plan import sample_test_set
 
     examples = sample_test_set(args.data, args.num, args.seed)
     if not examples:
