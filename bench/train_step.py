@@ -40,8 +40,8 @@ def active_params(model, config) -> float:
 
 
 def main() -> None:
-    from mmoe_ds.model import MmoeConfig, MmoeForCausalLM
     from mmoe_ds.config.recipe import Recipe
+    from mmoe_ds.model import MmoeConfig, MmoeForCausalLM
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", default="recipes/gpu_node.json")

@@ -25,13 +25,13 @@ import deepspeed
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F_
+from ep_worker import MODES, D, E, F, finish_worker, local_state, rel_diff, routing_fields, start_worker
+from naive_moe import MODALITIES, naive_moe, per_modality
 from torch import nn
 
-from ep_worker import D, E, F, MODES, finish_worker, local_state, rel_diff, routing_fields, start_worker
 from mmoe_ds.moe import RouterConfig, TorchMoE
 from mmoe_ds.moe.deepspeed_layer import DeepSpeedMoE
 from mmoe_ds.moe.dropless import DroplessMoE
-from naive_moe import MODALITIES, naive_moe, per_modality
 
 CASES = ("balanced", "skewed", "empty_rank", "uniform_k")
 GATE_KEYS = ("deepspeed_moe.gate.wg.weight", "deepspeed_moe.gate.modality_bias")

@@ -9,9 +9,9 @@ import sys
 import deepspeed
 import torch
 
+from mmoe_ds.config.recipe import Recipe, load_ds_config, validate_launch
 from mmoe_ds.model import MmoeConfig, MmoeForCausalLM
 from mmoe_ds.training.plan import plan_run
-from mmoe_ds.config.recipe import Recipe, load_ds_config, validate_launch
 from mmoe_ds.training.teardown import exit_process
 
 

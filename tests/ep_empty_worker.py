@@ -11,13 +11,23 @@ from __future__ import annotations
 import math
 
 import torch
+from ep_worker import (
+    MODES,
+    D,
+    F,
+    finish_worker,
+    local_state,
+    rel_diff,
+    router_config,
+    routing_fields,
+    start_worker,
+    tiny_engine,
+)
+from naive_moe import naive_moe
 from torch import nn
 
-from ep_worker import (D, F, MODES, finish_worker, local_state, rel_diff, router_config, routing_fields,
-                       start_worker, tiny_engine)
 from mmoe_ds.moe import TorchMoE
 from mmoe_ds.moe.deepspeed_layer import DeepSpeedMoE
-from naive_moe import naive_moe
 
 
 def finite(t: torch.Tensor | None) -> bool:

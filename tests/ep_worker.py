@@ -18,12 +18,12 @@ import json
 
 import deepspeed
 import torch
+from naive_moe import naive_moe
 from torch import nn
 
 from mmoe_ds.moe import RouterConfig, TorchMoE
 from mmoe_ds.moe.deepspeed_layer import DeepSpeedMoE
 from mmoe_ds.training.teardown import exit_process
-from naive_moe import naive_moe
 
 D, F, E = 16, 32, 4
 POOLS = {"image": [0, 1, 2], "text": [2, 3]}

@@ -20,10 +20,10 @@ import os
 import deepspeed
 import torch
 import torch.distributed as dist
-
-from mmoe_ds.training import checkpoint
-from mmoe_ds.model import MmoeConfig, MmoeForCausalLM
 from ep_worker import finish_worker, start_worker
+
+from mmoe_ds.model import MmoeConfig, MmoeForCausalLM
+from mmoe_ds.training import checkpoint
 
 LR, WORLD, PER_RANK, SEQ, VOCAB = 0.5, 4, 2, 24, 64
 MODEL = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import sys
 
-from mmoe_ds.training.evaluate import Evaluator
-from mmoe_ds.training.trainer import Trainer
 from mmoe_ds.training.checks import load_and_validate
+from mmoe_ds.training.evaluate import Evaluator
 from mmoe_ds.training.main import parse_args
+from mmoe_ds.training.trainer import Trainer
 
 
 class FailingEvaluator(Evaluator):

@@ -20,12 +20,12 @@ import sys
 
 import torch
 
+from mmoe_ds.training.checks import load_and_validate
 from mmoe_ds.training.evaluate import Evaluator
 from mmoe_ds.training.init_from import global_names
+from mmoe_ds.training.main import parse_args
 from mmoe_ds.training.teardown import exit_process
 from mmoe_ds.training.trainer import Trainer
-from mmoe_ds.training.checks import load_and_validate
-from mmoe_ds.training.main import parse_args
 
 
 def optimizer_params(engine) -> list:

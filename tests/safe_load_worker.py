@@ -13,9 +13,9 @@ import sys
 import deepspeed
 import torch
 
-from mmoe_ds.training import checkpoint
-from mmoe_ds.model import MmoeConfig, MmoeForCausalLM
 from mmoe_ds.config.recipe import load_ds_config
+from mmoe_ds.model import MmoeConfig, MmoeForCausalLM
+from mmoe_ds.training import checkpoint
 from mmoe_ds.training.teardown import exit_process
 
 MODEL = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32,

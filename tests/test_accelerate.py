@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from launch_util import LaunchResult, child_env, free_port, run_process
 from test_slurm import assert_two_rank_run
 from test_training import DS_CONFIG, write_recipe

@@ -7,8 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from mmoe_ds.analysis import (effective_experts, entropy_bits, gini, mean_ci95, mutual_information_bits, nmi,
-                              permutation_null_mi, t_quantile_975, total_variation)
+from mmoe_ds.analysis import (
+    effective_experts,
+    entropy_bits,
+    gini,
+    mean_ci95,
+    mutual_information_bits,
+    nmi,
+    permutation_null_mi,
+    t_quantile_975,
+    total_variation,
+)
 
 LN2 = math.log(2)
 

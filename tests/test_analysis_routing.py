@@ -6,8 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from mmoe_ds.analysis.routing import (compute_share, expert_ffn_flops, logit_variance_split, modality_routing,
-                                      route_arrays, router_logit_split, soft_mutual_information_bits)
+from mmoe_ds.analysis.routing import (
+    compute_share,
+    expert_ffn_flops,
+    logit_variance_split,
+    modality_routing,
+    route_arrays,
+    router_logit_split,
+    soft_mutual_information_bits,
+)
 from mmoe_ds.moe.config import RouterConfig
 from mmoe_ds.moe.router import ModalityRouter
 

@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-
-from mmoe_ds.export.caption import caption_images, main as caption_main
 from test_hub_export import make_export
+
+from mmoe_ds.export.caption import caption_images
+from mmoe_ds.export.caption import main as caption_main
 
 REPO = Path(__file__).resolve().parents[1]
 

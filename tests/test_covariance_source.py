@@ -12,8 +12,16 @@ from mmoe_ds.data import prepare as prepare_mod
 from mmoe_ds.data.captions import class_captions
 from mmoe_ds.data.processor import MmoeProcessor
 from mmoe_ds.data.sources import PrepareReport, SourceError
-from mmoe_ds.data.sources.covariance import (CLASSES, ORIENTATIONS, SCALES, SMALL, CovarianceSource, amplitude,
-                                             lexicon, texture)
+from mmoe_ds.data.sources.covariance import (
+    CLASSES,
+    ORIENTATIONS,
+    SCALES,
+    SMALL,
+    CovarianceSource,
+    amplitude,
+    lexicon,
+    texture,
+)
 from mmoe_ds.model import MmoeConfig, MmoeForCausalLM
 from mmoe_ds.training.data_plan import class_rank_source
 

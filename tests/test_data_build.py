@@ -14,12 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest_data import digest, make_loader, manifest, read_samples, shards_of
 from PIL import Image
 
-from conftest_data import digest, make_loader, manifest, read_samples, shards_of
-from mmoe_ds.data import CLASS_NAMES, class_caption, class_captions
+from mmoe_ds.data import CLASS_NAMES, class_caption, class_captions, sources
 from mmoe_ds.data import prepare as prepare_mod
-from mmoe_ds.data import sources
 from mmoe_ds.data.captions import TEMPLATES
 from mmoe_ds.data.sources import Record
 

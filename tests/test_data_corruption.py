@@ -18,16 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from bigfiles import zero_png
 from conftest_data import EXPECTED_KINDS, make_loader, manifest, read_samples, shards_of, take, write_samples
 from foreign_shards import http_server
+from PIL import Image
+
 from mmoe_ds.data import MmoeProcessor
 from mmoe_ds.data.schema import SAMPLE_KINDS, SKIP_REASONS
 from mmoe_ds.data.shards import ShardUnreadable, decode, infer_kind, iter_raw, open_shard
 from mmoe_ds.data.skips import SkipLog, counts_of
-
 
 HUGE_PNG = zero_png(4097, 4097)  # one pixel row over the default cap of 4096 x 4096, 16 KB of PNG
 

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest_data import manifest, read_samples
 from foreign_shards import write_img2dataset_output
+from PIL import Image
+
 from mmoe_ds.data import prepare as prepare_mod
 from mmoe_ds.data.index import main as index
 from mmoe_ds.data.sources import PrepareReport, Record

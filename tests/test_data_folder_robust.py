@@ -13,9 +13,9 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+from conftest_data import manifest, read_samples, write_samples
 from PIL import Image
 
-from conftest_data import manifest, read_samples, write_samples
 from mmoe_ds.data import BalancedLoader, LoaderConfig
 from mmoe_ds.data.index import main as index
 from mmoe_ds.data.shards import iter_raw

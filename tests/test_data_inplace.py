@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from foreign_shards import caption, digests, http_server, write_img2dataset_shard, write_img2dataset_shards
+
 from mmoe_ds.data import BalancedLoader, LoaderConfig, MmoeProcessor
 from mmoe_ds.data.index import main as index
 

@@ -8,8 +8,8 @@ from collections import Counter
 
 import pytest
 import torch
-
 from conftest_data import EXPECTED_KINDS, make_loader, manifest, take
+
 from mmoe_ds.data import LoaderConfig
 from mmoe_ds.data.schema import IMAGE_MODALITY
 
@@ -161,6 +161,7 @@ def test_problems_found_in_the_data_name_the_field(small_dataset, tmp_path):
 def foreign(tmp_path):
     """4 img2dataset-style shards x 30 samples, indexed where they are (sha256 recorded)."""
     from foreign_shards import write_img2dataset_shards
+
     from mmoe_ds.data.index import main as index
 
     write_img2dataset_shards(tmp_path / "shards", shards=4, samples=30)

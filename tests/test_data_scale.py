@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from foreign_shards import write_img2dataset_shards
 from test_data_loader import across_epochs
+
 from mmoe_ds.data import BalancedLoader, LoaderConfig
 from mmoe_ds.data.index import main as index
 

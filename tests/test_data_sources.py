@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest_data import manifest, read_samples
 from PIL import Image, ImageFile
 
-from conftest_data import manifest, read_samples
 from mmoe_ds.data import BalancedLoader, LoaderConfig
 from mmoe_ds.data import prepare as prepare_mod
 from mmoe_ds.data.sources import SKIP_REASONS, SOURCES, Source

@@ -10,10 +10,9 @@ import importlib.util
 import json
 
 import pytest
-
 from dropless_worker import CASES
-from launch_util import SharedLaunch, child_env, free_port, run_process
 from ep_worker import MODES
+from launch_util import SharedLaunch, child_env, free_port, run_process
 
 TOL = 1e-5
 NAIVE_TOL = 3e-5  # fp32 layer vs the float64 reference (large skewed logits); the fp32 paths agree to TOL

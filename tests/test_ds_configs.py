@@ -13,7 +13,6 @@ import sys
 from dataclasses import dataclass
 
 import pytest
-
 from dtype_support import DtypeSupport
 from launch_util import REPO, free_port
 

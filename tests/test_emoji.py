@@ -10,9 +10,9 @@ import unicodedata
 
 import numpy as np
 import pytest
+from launch_util import REPO, deepspeed_launch
 from PIL import Image
 
-from launch_util import REPO, deepspeed_launch
 from mmoe_ds.data.sources.base import PrepareReport, SourceError
 from mmoe_ds.data.sources.emoji import EMOJI_FONT, EmojiCounts, EmojiSource, emoji
 

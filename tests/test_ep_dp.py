@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from launch_util import SharedLaunch, launch
 
 WORLD = 4

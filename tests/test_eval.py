@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from mmoe_ds.training.evaluate import ScoringSet, ranks_of_truth, retrieval_hits
 from mmoe_ds.config.recipe import DataSection
 from mmoe_ds.training.data_plan import check_data
+from mmoe_ds.training.evaluate import ScoringSet, ranks_of_truth, retrieval_hits
 
 # Query i's true candidate is caption i. Hand-computed ranks (1 = best, ties count against):
 # q0: 0.9 is the highest -> 1; q1: 0.5 < 0.6, 0.7 -> 3; q2: 0.1 below all five others -> 6;
@@ -208,8 +208,8 @@ def test_text_token_count_excludes_label_position_0(bos, expected):
 
     import torch.nn.functional as F
 
-    from mmoe_ds.training.evaluate import Evaluator
     from mmoe_ds.model import MmoeConfig, MmoeForCausalLM
+    from mmoe_ds.training.evaluate import Evaluator
     from mmoe_ds.training.trainer import Trainer
 
     processor = word_processor(bos)

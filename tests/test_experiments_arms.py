@@ -28,8 +28,8 @@ def runner(small_dataset, tmp_path_factory) -> Runner:
 
 def build(recipe_dict: dict):
     """The step-0 model and the first batches of a run, built as mmoe_ds.training.trainer.Trainer.setup builds them."""
-    from mmoe_ds.model import MmoeConfig, MmoeForCausalLM
     from mmoe_ds.config.recipe import Recipe
+    from mmoe_ds.model import MmoeConfig, MmoeForCausalLM
     from mmoe_ds.training.data_plan import load_processor, make_train_loader
     from mmoe_ds.training.trainer import Trainer, bind_moe_layers
 
@@ -156,9 +156,9 @@ def test_docs_say_cannot_tell_at_chance_and_state_the_primary_target():
 
 # -- train.param_groups ----------------------------------------------------------------------------
 def test_param_groups_put_the_router_at_its_own_learning_rate():
-    from mmoe_ds.model import MmoeConfig, MmoeForCausalLM
-    from mmoe_ds.errors import ConfigError
     from mmoe_ds.config.recipe import Recipe
+    from mmoe_ds.errors import ConfigError
+    from mmoe_ds.model import MmoeConfig, MmoeForCausalLM
     from mmoe_ds.training.trainer import optimizer_groups
 
     torch.manual_seed(0)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from launch_util import SharedLaunch, launch
 
 MODES = ("agnostic", "modality_bias", "masked_pools", "separate_routers")

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-
-from mmoe_ds.training import checkpoint
-from mmoe_ds.io.atomic import atomic_write_bytes, atomic_write_text, staged_directory
-from mmoe_ds.export import save_export
-from mmoe_ds.model import MmoeForCausalLM
 from test_model import tiny_config
+
+from mmoe_ds.export import save_export
+from mmoe_ds.io.atomic import atomic_write_bytes, atomic_write_text, staged_directory
+from mmoe_ds.model import MmoeForCausalLM
+from mmoe_ds.training import checkpoint
 
 # umask -> (file mode, folder mode) of a plain write
 MODES = {0o022: (0o644, 0o755), 0o077: (0o600, 0o700), 0o002: (0o664, 0o775)}

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from test_hub_export import make_export, run_blocked
+from test_model import LLAMA_STYLE, tiny_config
 
 from mmoe_ds.export import save_export
 from mmoe_ds.model import MmoeForCausalLM
-from test_hub_export import make_export, run_blocked
-from test_model import LLAMA_STYLE, tiny_config
 
 
 def training_batch(processor, path: Path) -> None:
@@ -126,6 +126,7 @@ def save_inputs(processor, folder: Path, name: str) -> None:
 
 def test_accelerate_disk_offload_gives_the_plain_loads_logits(tmp_path):
     from test_vision_tower import model_config, save_vision_model
+
     from mmoe_ds.data.pretrained_processor import PretrainedProcessor
     from mmoe_ds.model.vision import load_tower_weights, vision_config_from_pretrained
 

@@ -8,13 +8,13 @@ import json
 import pytest
 import torch
 from PIL import Image
+from test_model import LLAMA_STYLE, P, tiny_config
 
 from mmoe_ds.data import MmoeProcessor
 from mmoe_ds.data.tokenizer import train_tokenizer
 from mmoe_ds.export import save_export
 from mmoe_ds.model import MmoeForCausalLM
 from mmoe_ds.model.modeling_mmoe import positions_from_mask
-from test_model import LLAMA_STYLE, P, tiny_config
 
 # Batch-invariant routing: without capacity drops a row routes the same alone or in a batch.
 DROPLESS = dict(mode="masked_pools", pools={"image": [0, 1, 2], "text": [2, 3]}, drop_tokens=False)

@@ -8,7 +8,6 @@ import sys
 
 import pytest
 import torch
-
 from launch_util import REPO, child_env, free_port
 
 

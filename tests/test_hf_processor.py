@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_hub_export import CAPTIONS, make_export, run_blocked
 from transformers import BatchFeature
 
+from mmoe_ds.config.recipe import DataSection
 from mmoe_ds.data import MmoeProcessor
 from mmoe_ds.data.loader import LoaderConfig
 from mmoe_ds.data.processor import MAX_TEXT_BYTES, cut_text
 from mmoe_ds.data.shards import MAX_CAPTION_BYTES, _cut_caption
 from mmoe_ds.data.tokenizer import train_tokenizer
-from mmoe_ds.config.recipe import DataSection
-from test_hub_export import CAPTIONS, make_export, run_blocked
 
 WHITE, DARK = Image.new("L", (28, 28), 255), Image.new("L", (28, 28), 30)
 

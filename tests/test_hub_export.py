@@ -17,15 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from test_model import tiny_config
 
-from mmoe_ds.export.caption import caption_images
 from mmoe_ds.data import MmoeProcessor
 from mmoe_ds.data.tokenizer import train_tokenizer
 from mmoe_ds.export import main as export_main
 from mmoe_ds.export import save_export
+from mmoe_ds.export.caption import caption_images
 from mmoe_ds.export.card import MODEL_ID_PLACEHOLDER
 from mmoe_ds.model import MmoeForCausalLM
-from test_model import tiny_config
 
 CAPTIONS = ["a handwritten seven", "a pair of trousers", "an ankle boot", "a photo showing a sandal"]
 METRICS = {"caption_loss": 1.25, "text_ppl": 40.5, "retrieval_r1": 0.35, "retrieval_r5": 0.8,

@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from launch_util import REPO, deepspeed_launch
+
+from mmoe_ds.config.recipe import DataSection, Recipe
 from mmoe_ds.data import MmoeProcessor
+from mmoe_ds.errors import ConfigError
 from mmoe_ds.export import save_export
 from mmoe_ds.model import MmoeConfig, MmoeForCausalLM
-from mmoe_ds.errors import ConfigError
-from mmoe_ds.config.recipe import DataSection, Recipe
 from mmoe_ds.training.data_plan import load_processor, make_train_loader
 
 COMPOSITION = {"image_text": 4, "text": 1, "image": 1}
@@ -254,9 +254,9 @@ def test_the_gpu_recipe_passes_check_on_8_processes_without_any_weights(tmp_path
 
     from transformers import Qwen2Config, SiglipVisionConfig
 
+    from mmoe_ds.export.upcycle import PreparedTokenizer, UpcycleOptions, build_config
     from mmoe_ds.model.vision import vision_config_from_pretrained
     from mmoe_ds.training.main import main
-    from mmoe_ds.export.upcycle import PreparedTokenizer, UpcycleOptions, build_config
 
     config = str(REPO / "ds_configs/finetune_zero1_bf16.json")
     recipe_file = str(REPO / "recipes/upcycle_gpu.json")

@@ -7,11 +7,11 @@ import json
 from types import SimpleNamespace
 
 import pytest
-
 from launch_util import REPO
-from mmoe_ds.training.plan import count_parameters, parse_bytes, plan_run
+
 from mmoe_ds.config.recipe import Recipe, load_ds_config
 from mmoe_ds.training.main import main as train_main
+from mmoe_ds.training.plan import count_parameters, parse_bytes, plan_run
 
 DEMO = Recipe.load(REPO / "recipes/demo_cpu.json")
 DEMO_MODEL = dict(DEMO.model, vocab_size=64)
@@ -72,8 +72,8 @@ def upcycled_gpu_recipe(tmp_path, width: int = 1, depth: int = 1):
     SigLIP base (public shapes, no weights); `width` and `depth` multiply the LM's (a made-up model)."""
     from transformers import Qwen2Config, SiglipVisionConfig
 
-    from mmoe_ds.model.vision import vision_config_from_pretrained
     from mmoe_ds.export.upcycle import PreparedTokenizer, UpcycleOptions, build_config
+    from mmoe_ds.model.vision import vision_config_from_pretrained
 
     SiglipVisionConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                        image_size=224, patch_size=16).save_pretrained(tmp_path / "siglip")

@@ -19,11 +19,12 @@ from pathlib import Path
 import pytest
 from huggingface_hub import CommitInfo, HfApi, ModelCard, RepoUrl, get_token
 from huggingface_hub.utils import filter_repo_objects
-
-from mmoe_ds.export.push import IGNORE, main as push_main
-from mmoe_ds.export.card import model_card
 from test_hub_export import LICENSES, METRICS, make_export
 from test_model import tiny_config
+
+from mmoe_ds.export.card import model_card
+from mmoe_ds.export.push import IGNORE
+from mmoe_ds.export.push import main as push_main
 
 TESTS = Path(__file__).resolve().parent
 REPO = "someone/tiny-mmoe"

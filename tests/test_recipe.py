@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from mmoe_ds.errors import ConfigError
 from mmoe_ds.config.recipe import Recipe, load_ds_config, validate_launch
+from mmoe_ds.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = json.loads((REPO / "recipes/demo_cpu.json").read_text())

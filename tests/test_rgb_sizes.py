@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mmoe_ds.export.caption import caption_images
 from mmoe_ds.data import MmoeProcessor
 from mmoe_ds.data.tokenizer import train_tokenizer
 from mmoe_ds.export import save_export
+from mmoe_ds.export.caption import caption_images
 from mmoe_ds.model import MmoeConfig, MmoeForCausalLM
 
 CAPTIONS = ["red apple", "sunrise over mountains", "a pair of trousers", "an ankle boot", "grinning face"]

@@ -12,10 +12,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from naive_moe import naive_capacity
 
 from mmoe_ds.moe import RouterConfig, TorchMoE
 from mmoe_ds.moe.router import ModalityRouter
-from naive_moe import naive_capacity
 
 MODES = ("agnostic", "modality_bias", "masked_pools", "separate_routers")
 ALL_LOSSES = dict(load_balance_coef=0.01, modality_load_balance_coef=0.01, z_loss_coef=0.001,

@@ -29,14 +29,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from launch_util import REPO, free_port
-from mmoe_ds.errors import IncompleteCheckpointError
+
 from mmoe_ds.cli import main as cli_main
+from mmoe_ds.errors import IncompleteCheckpointError, UnsafeCheckpointError
 from mmoe_ds.export import export
 from mmoe_ds.export.gather import load_checkpoint_model
 from mmoe_ds.io.safe_load import RNG_STATE_GLOBALS, allowed_globals, deepspeed_globals, pickle_globals, safe_torch_load
-from mmoe_ds.errors import UnsafeCheckpointError
 
 TAG = "checkpoints/step00000001"
 MODEL_FILE = "mp_rank_00_model_states.pt"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from launch_util import REPO, SharedLaunch, launch
+
 from mmoe_ds.training import scaling
 
 

@@ -18,7 +18,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from launch_util import REPO, LaunchResult, child_env, free_port, run_process
 from test_training import DS_CONFIG, write_recipe
 

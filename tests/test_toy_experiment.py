@@ -5,10 +5,31 @@ import math
 import pytest
 import torch
 
-from mmoe_ds.experiments.toy import (ToyConfig, best_halfspace_tv, build_layer, capacity_tv, caveats, findings,
-                                     fitted_halfspace_tv, halfspace_tv, headline, linear_ceiling_e2, linear_example_e4,
-                                     main, mean_ci95, modality_tv, quadratic_features, router_parameters, routing_tv,
-                                     run_cell, run_toy, sample_tokens, teacher_targets, teachers, write_results)
+from mmoe_ds.experiments.toy import (
+    ToyConfig,
+    best_halfspace_tv,
+    build_layer,
+    capacity_tv,
+    caveats,
+    findings,
+    fitted_halfspace_tv,
+    halfspace_tv,
+    headline,
+    linear_ceiling_e2,
+    linear_example_e4,
+    main,
+    mean_ci95,
+    modality_tv,
+    quadratic_features,
+    router_parameters,
+    routing_tv,
+    run_cell,
+    run_toy,
+    sample_tokens,
+    teacher_targets,
+    teachers,
+    write_results,
+)
 
 NO_SWEEP = dict(separation_dims=())
 

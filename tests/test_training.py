@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from launch_util import REPO, deepspeed_launch, free_port
 
 DS_CONFIG = str(REPO / "ds_configs/cpu_zero1_fp32.json")
@@ -156,11 +155,12 @@ def test_checkpoint_moves_between_expert_parallel_sizes(run_a, small_dataset, tm
 
 def test_export_of_ep2_checkpoint_matches_training_time_losses(run_a, small_dataset, tmp_path):
     """Export step 20 (ep_size=2) and recompute step 21's loss on both ranks' batches without DeepSpeed."""
+    from transformers import AutoModelForCausalLM
+
+    from mmoe_ds.config.recipe import DataSection
+    from mmoe_ds.export import export
     from mmoe_ds.training.checkpoint import set_rng_state
     from mmoe_ds.training.data_plan import load_processor, make_train_loader
-    from mmoe_ds.export import export
-    from mmoe_ds.config.recipe import DataSection
-    from transformers import AutoModelForCausalLM
 
     out = export(run_a / "checkpoints" / "step00000020", tmp_path / "export")
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)

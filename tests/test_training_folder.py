@@ -12,9 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from launch_util import REPO, deepspeed_launch
+from PIL import Image
 
 DS_CONFIG = str(REPO / "ds_configs/cpu_zero1_fp32.json")
 WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]

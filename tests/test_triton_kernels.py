@@ -22,8 +22,9 @@ if importlib.util.find_spec("triton") is None:
                 allow_module_level=True)
 
 from launch_util import REPO, child_env  # noqa: E402
-from mmoe_ds.moe.kernels import ops_for, reference  # noqa: E402
 from triton_interp_worker import cases  # noqa: E402
+
+from mmoe_ds.moe.kernels import ops_for, reference  # noqa: E402
 
 TOLERANCE = {"float32": 1e-5, "float16": 2e-3, "bfloat16": 8e-3}  # fp32 math, output rounding only
 

@@ -18,12 +18,19 @@ import textwrap
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast,
-                          Qwen2Config, Qwen2ForCausalLM)
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from mmoe_ds.model import MmoeForCausalLM
 from mmoe_ds.export.upcycle import UpcycleError, UpcycleOptions, main, upcycle
+from mmoe_ds.model import MmoeForCausalLM
 
 WORDS = [f"w{i}" for i in range(40)]
 TOL = 1e-5

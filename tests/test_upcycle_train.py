@@ -18,17 +18,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, SiglipImageProcessor, \
-    SiglipVisionConfig, SiglipVisionModel
-
 from launch_util import REPO, deepspeed_launch, launch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    SiglipImageProcessor,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
+
+from mmoe_ds.config.recipe import DataSection
 from mmoe_ds.data import MmoeProcessor
 from mmoe_ds.export import main as export_main
-from mmoe_ds.model import MmoeForCausalLM
-from mmoe_ds.config.recipe import DataSection
-from mmoe_ds.training.data_plan import make_train_loader
 from mmoe_ds.export.upcycle import main as upcycle_main
+from mmoe_ds.model import MmoeForCausalLM
+from mmoe_ds.training.data_plan import make_train_loader
 
 COMPOSITION = {"image_text": 4, "text": 1, "image": 1}
 MAX_LENGTH = 32

@@ -12,16 +12,29 @@ import pytest
 import torch
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPVisionConfig, CLIPVisionModel,
-                          ConvNextConfig, LlamaConfig, PreTrainedTokenizerFast, ResNetConfig, SiglipConfig,
-                          SiglipImageProcessor, SiglipModel, SiglipVisionConfig, SiglipVisionModel)
+from transformers import (
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    ConvNextConfig,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    ResNetConfig,
+    SiglipConfig,
+    SiglipImageProcessor,
+    SiglipModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
 
 from mmoe_ds.data import MmoeProcessor
 from mmoe_ds.data.pretrained_processor import PretrainedProcessor
 from mmoe_ds.data.tokenizer import train_tokenizer
-from mmoe_ds.training.init_from import trainable_parameters
 from mmoe_ds.model import MmoeConfig, MmoeForCausalLM
 from mmoe_ds.model.vision import load_tower_weights, vision_config_from_pretrained
+from mmoe_ds.training.init_from import trainable_parameters
 
 SIZE, PATCH = 32, 8  # a 4 x 4 patch grid
 TOWER = dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, image_size=SIZE,

@@ -18,15 +18,20 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import AnalysisInputError
 from .alarms import AlarmThresholds, routing_alarms
 from .cka import cka_matrix, match_experts, weight_cka
 from .collect import LayerCapture, ProbeCapture, capture_routing, expert_outputs
 from .metrics import mutual_information_bits, nmi, permutation_null_mi, total_variation
 from .probe import linear_probe
-from .routing import compute_share, expert_ffn_flops, modality_routing, route_arrays, router_logit_split, \
-    soft_mutual_information_bits
-from ..errors import AnalysisInputError
-
+from .routing import (
+    compute_share,
+    expert_ffn_flops,
+    modality_routing,
+    route_arrays,
+    router_logit_split,
+    soft_mutual_information_bits,
+)
 
 
 # -- loading -------------------------------------------------------------------------------------

@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import MutableMapping
 
-from .recipe import ZERO3_UNSUPPORTED
 from ..errors import ConfigError
+from .recipe import ZERO3_UNSUPPORTED
 
 SLURM_TO_TORCH = (("SLURM_PROCID", "RANK"), ("SLURM_LOCALID", "LOCAL_RANK"), ("SLURM_NTASKS", "WORLD_SIZE"))
 RENDEZVOUS = ("MASTER_ADDR", "MASTER_PORT")

@@ -11,6 +11,7 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
 from ..errors import ConfigError
 
 SAMPLE_KINDS = ("image_text", "text", "image")

@@ -31,10 +31,25 @@ from pathlib import Path
 
 import numpy as np
 
-from .runner import (QUALITY, TRAINING_ROUTING_CAVEAT, ExperimentError, Run, RunSpec, Runner, bar_panel,
-                     contrast, holm, mode_recipe, new_figure, routing_counts, run_metrics, save_figure, summarize,
-                     write_results)
-from .runner import seeds_for
+from .runner import (
+    QUALITY,
+    TRAINING_ROUTING_CAVEAT,
+    ExperimentError,
+    Run,
+    Runner,
+    RunSpec,
+    bar_panel,
+    contrast,
+    holm,
+    mode_recipe,
+    new_figure,
+    routing_counts,
+    run_metrics,
+    save_figure,
+    seeds_for,
+    summarize,
+    write_results,
+)
 
 NAME = "e1_matched"
 ROUTER_RECIPE = {"agnostic": "agnostic", "aware": "modality_bias"}

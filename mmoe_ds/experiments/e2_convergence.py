@@ -20,9 +20,23 @@ from pathlib import Path
 import numpy as np
 
 from . import e1_matched
-from .runner import (TRAINING_ROUTING_CAVEAT, ExperimentError, Run, RunSpec, Runner, contrast, counts_of, holm,
-                     mode_recipe, new_figure, routing_summary, save_figure, summarize, write_results)
-from .runner import seeds_for
+from .runner import (
+    TRAINING_ROUTING_CAVEAT,
+    ExperimentError,
+    Run,
+    Runner,
+    RunSpec,
+    contrast,
+    counts_of,
+    holm,
+    mode_recipe,
+    new_figure,
+    routing_summary,
+    save_figure,
+    seeds_for,
+    summarize,
+    write_results,
+)
 
 NAME = "e2_convergence"
 MULTIPLES = (1, 2, 5, 10)

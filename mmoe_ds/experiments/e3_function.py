@@ -16,9 +16,22 @@ import numpy as np
 
 from mmoe_ds.io.atomic import atomic_write_text
 
-from .runner import (MODES_DIR, Run, RunSpec, Runner, by_seed, contrast, holm, mode_recipe, new_figure,
-                     run_metrics, save_figure, summarize, write_results)
-from .runner import seeds_for
+from .runner import (
+    MODES_DIR,
+    Run,
+    Runner,
+    RunSpec,
+    by_seed,
+    contrast,
+    holm,
+    mode_recipe,
+    new_figure,
+    run_metrics,
+    save_figure,
+    seeds_for,
+    summarize,
+    write_results,
+)
 
 NAME = "e3_function"
 METRICS = (("caption_rank_acc", "caption ranking acc"), ("tv", "probe TV"), ("nmi", "probe NMI"),

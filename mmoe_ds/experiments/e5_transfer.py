@@ -20,9 +20,21 @@ import numpy as np
 from mmoe_ds.io.atomic import atomic_write_text
 
 from . import e1_matched
-from .runner import (MODALITIES, RunSpec, Runner, by_seed, chance_levels, contrast, holm, mode_recipe, new_figure,
-                     save_figure, summarize, write_results)
-from .runner import seeds_for
+from .runner import (
+    MODALITIES,
+    Runner,
+    RunSpec,
+    by_seed,
+    chance_levels,
+    contrast,
+    holm,
+    mode_recipe,
+    new_figure,
+    save_figure,
+    seeds_for,
+    summarize,
+    write_results,
+)
 
 NAME = "e5_transfer"
 ROUTER_PATTERN = "*.deepspeed_moe.gate.*"

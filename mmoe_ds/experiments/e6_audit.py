@@ -14,9 +14,22 @@ from pathlib import Path
 import numpy as np
 
 from . import e1_matched
-from .runner import (QUALITY as QUALITY_READOUTS, TRAINING_ROUTING_CAVEAT, RunSpec, Runner, bar_panel, by_seed,
-                     contrast, holm, new_figure, run_metrics, save_figure, summarize, write_results)
-from .runner import seeds_for
+from .runner import QUALITY as QUALITY_READOUTS
+from .runner import (
+    TRAINING_ROUTING_CAVEAT,
+    Runner,
+    RunSpec,
+    bar_panel,
+    by_seed,
+    contrast,
+    holm,
+    new_figure,
+    run_metrics,
+    save_figure,
+    seeds_for,
+    summarize,
+    write_results,
+)
 
 NAME = "e6_audit"
 ROUTERS = ("agnostic", "aware")

@@ -28,9 +28,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from mmoe_ds.io.atomic import atomic_write_text
 from mmoe_ds.config.launch_env import free_port
 from mmoe_ds.errors import ExperimentError
+from mmoe_ds.io.atomic import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[2]
 MODES_DIR = REPO / "recipes" / "modes"

@@ -19,10 +19,9 @@ from pathlib import Path
 
 from transformers import GenerationConfig
 
+from ..errors import IncompleteCheckpointError, UnsafeCheckpointError
 from ..io.atomic import staged_directory
 from ..model import MmoeForCausalLM
-from ..errors import IncompleteCheckpointError
-from ..errors import UnsafeCheckpointError
 from .card import last_train_record, model_card
 from .gather import gather_state_dict, load_checkpoint_model, resolve_tag_dir
 from .remote_code import AUTO_MAP, CODE_FILES, PROCESSOR_AUTO_MAP, flatten_imports, write_code

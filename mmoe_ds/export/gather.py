@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from ..training.checkpoint import latest_tag, verify_tag
-from ..model import MmoeConfig, MmoeForCausalLM
 from ..io.safe_load import safe_torch_load
+from ..model import MmoeConfig, MmoeForCausalLM
+from ..training.checkpoint import latest_tag, verify_tag
 
 
 def resolve_tag_dir(ckpt: Path) -> Path:

@@ -19,6 +19,7 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
 from ..errors import NotAnExport
 
 REQUIRED = {"config.json": "the model config", "README.md": "the model card",

@@ -35,10 +35,10 @@ from pathlib import Path
 
 import torch
 
-from ..io.atomic import staged_directory
 from ..data.schema import IMAGE_TOKEN
-from ..model import MmoeConfig, MmoeForCausalLM
 from ..errors import UpcycleError
+from ..io.atomic import staged_directory
+from ..model import MmoeConfig, MmoeForCausalLM
 
 # Dense LMs this maps one to one: architecture class -> model_type.
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..errors import IncompleteCheckpointError
 from ..io.atomic import atomic_open, atomic_write_text
 from ..io.safe_load import RNG_STATE_GLOBALS, SafeLoadCheckpointEngine, deepspeed_globals, safe_torch_load
-from ..errors import IncompleteCheckpointError
 
 __all__ = ["IncompleteCheckpointError", "atomic_write_text", "checkpoint_dir", "latest_tag", "resume", "rng_state",
            "save", "set_rng_state", "verify_tag"]

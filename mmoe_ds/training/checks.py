@@ -34,8 +34,8 @@ def load_and_validate(args) -> tuple[Recipe, dict, int, DataCheck]:
 def init_model_kwargs(recipe: Recipe, source) -> dict:
     """MmoeConfig arguments of a run starting from `source` (an InitSource): its config with the
     recipe's overrides, validated at the run's expert-parallel size. Raises ConfigError."""
-    from .init_from import model_config_kwargs
     from ..model import MmoeConfig
+    from .init_from import model_config_kwargs
 
     kwargs = model_config_kwargs(source, recipe.model)
     ep = recipe.train.expert_parallel_size
@@ -52,8 +52,8 @@ def init_model_kwargs(recipe: Recipe, source) -> dict:
 def check_patterns(recipe: Recipe, model_kwargs: dict) -> None:
     """train.freeze / train.reinit patterns against the parameter names of the model, built on the
     meta device (no memory, no weights). Raises ConfigError for a pattern that matches nothing."""
-    from .init_from import match
     from ..model import MmoeConfig, MmoeForCausalLM
+    from .init_from import match
 
     t = recipe.train
     if not t.freeze and not t.reinit:
@@ -89,9 +89,9 @@ def check_data_fits_model(recipe: Recipe, must_exist: bool = True) -> None:
     config built from it (vocabulary, channels, patch size), and an init_from model's fit
     (`check_processor_fits`). Nothing to check while data.dir is still to be built (the embedded
     default, checked again at launch). Raises ConfigError naming the field and the fix."""
-    from .init_from import read_init_source
     from ..model import MmoeConfig
     from .data_plan import load_processor, processor_model_kwargs
+    from .init_from import read_init_source
 
     if not (Path(recipe.data.dir) / "manifest.json").is_file():
         return

@@ -15,12 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
+from ..config.recipe import EVAL_METRICS, SAMPLE_KINDS, DataSection
 from ..data.captions import CLASS_NAMES
 from ..data.loader import BalancedLoader, LoaderConfig, shard_kinds, shard_location
 from ..data.processor import MmoeProcessor
 from ..data.shards import decode, iter_raw
-from ..config.recipe import EVAL_METRICS, SAMPLE_KINDS, DataSection
 from ..errors import ConfigError
+
 CLASS_RANK_SOURCES = ("fashion_mnist", "digits", "covariance")  # labelled sources, in order of preference
 
 

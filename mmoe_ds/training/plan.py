@@ -78,8 +78,8 @@ class ParamCounts:
 
 def count_parameters(model_kwargs: dict, freeze: list[str] | None = None) -> ParamCounts:
     """Exact counts from the model built on the meta device; `freeze`: train.freeze patterns."""
-    from .init_from import match
     from ..model import MmoeConfig, MmoeForCausalLM
+    from .init_from import match
 
     with torch.device("meta"):
         model = MmoeForCausalLM(MmoeConfig(**dict(model_kwargs, moe_backend="torch", ep_size=1)))
@@ -267,8 +267,8 @@ def recipe_model_kwargs(recipe) -> tuple[dict | None, str]:
     if path:
         if not (Path(path) / "config.json").is_file():
             return None, f"no memory plan yet: it needs {path}/config.json (run `mmoe-ds upcycle` first)"
-        from .init_from import read_init_source
         from .checks import init_model_kwargs
+        from .init_from import read_init_source
 
         return init_model_kwargs(recipe, read_init_source(path, need_weights=False)), ""
     if not (Path(recipe.data.dir) / "processor").is_dir():

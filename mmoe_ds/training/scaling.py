@@ -89,8 +89,8 @@ class RecipeTraffic:
 def recipe_traffic(path: Path) -> RecipeTraffic:
     """The all-to-all bytes of one micro batch of a GPU recipe (bf16), from its model section (or its
     init_from model's shape, written in `SHAPES` for the upcycled recipe, whose weights are not here)."""
-    from ..model import MmoeConfig
     from ..config.recipe import Recipe
+    from ..model import MmoeConfig
 
     recipe = Recipe.load(path)
     shape = {k: v for k, v in SHAPES.get(path.name, {}).items() if not k.startswith("_")}

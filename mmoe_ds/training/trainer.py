@@ -82,9 +82,9 @@ class Trainer:
         import deepspeed
         import torch.distributed as dist
 
-        from .init_from import freeze, load_init_weights, read_init_source, trainable_parameters
-        from .data_plan import ensure_dataset, load_processor, make_train_loader
         from ..model import MmoeConfig, MmoeForCausalLM
+        from .data_plan import ensure_dataset, load_processor, make_train_loader
+        from .init_from import freeze, load_init_weights, read_init_source, trainable_parameters
 
         # DeepSpeed's ZeRO step all-gathers through `all_gather_into_tensor`, which torch 2.13 deprecates
         # with a FutureWarning on every call: two lines per step in every log. Silence exactly that one.
@@ -251,8 +251,8 @@ class Trainer:
             {"eval": the last successful evaluation's metrics, "report": routing report paths}.
         """
         from ..analysis.alarms import routing_alarms
-        from .evaluate import Evaluator
         from ..moe.router import RoutingStats
+        from .evaluate import Evaluator
 
         t = self.recipe.train
         evaluator = Evaluator(self, self.eval_plan) if evaluator is None else evaluator
