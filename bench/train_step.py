@@ -51,6 +51,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--moe-backend", choices=["torch", "deepspeed", "dropless"], default="torch")
+    parser.add_argument("--batch-scale", type=int, default=1,
+                        help="repeat the recipe's micro batch this many times (the same mix, more rows per step)")
+    parser.add_argument("--profile", type=int, default=0,
+                        help="print the N CUDA kernels that took the most time in one profiled step after timing")
     args = parser.parse_args()
     recipe = Recipe.load(args.recipe)
     model_kwargs = dict(recipe.model, vocab_size=args.vocab)
@@ -67,23 +71,28 @@ def main() -> None:
         if hasattr(module, "set_deepspeed_parallelism"):  # what deepspeed.initialize does for MoE layers
             module.set_deepspeed_parallelism()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=args.device == "cuda")
-    B, L, P = recipe.micro_batch_size, recipe.data.max_length, config.num_patches
+    B0, L, P = recipe.micro_batch_size, recipe.data.max_length, config.num_patches
+    B = B0 * args.batch_scale
     ids = torch.randint(4, args.vocab, (B, L), device=args.device)
     n_img = recipe.data.composition.get("image_text", 0)
     n_txt = recipe.data.composition.get("text", 0)
-    image_rows = list(range(n_img)) + list(range(n_img + n_txt, B))
+    image_rows = [r + B0 * i for i in range(args.batch_scale) for r in list(range(n_img)) + list(range(n_img + n_txt, B0))]
     ids[image_rows, 1:1 + P] = config.image_token_id
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
              "pixel_patches": torch.randn(B, P, config.patch_dim, device=args.device, dtype=getattr(torch, args.dtype))}
     times = []
-    for step in range(args.warmup + args.steps):
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
+
+    def one_step():
         loss = model(**batch, use_cache=False).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+
+    for step in range(args.warmup + args.steps):
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        one_step()
         if args.device == "cuda":
             torch.cuda.synchronize()
         if step >= args.warmup:
@@ -95,12 +104,22 @@ def main() -> None:
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in device), None)
     mfu = flops_per_token * tokens_s / (peak * 1e12) if peak else None
     total = sum(p.numel() for p in model.parameters())
-    print(f"moe backend: {args.moe_backend}")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+        with profile(activities=activities) as prof:
+            one_step()
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+        sort = "cuda_time_total" if args.device == "cuda" else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=args.profile, max_name_column_width=60))
+    print(f"moe backend: {args.moe_backend}, micro batch {B} x {L} tokens")
     print(f"{'recipe':<24} {'params (M)':>10} {'active (M)':>10} {'step ms':>8} {'tokens/s':>10} {'MFU':>6}")
     print(f"{args.recipe:<24} {total / 1e6:>10.1f} {active_params(model, config) / 1e6:>10.1f} {step_s * 1e3:>8.1f} "
           f"{tokens_s:>10.0f} {mfu if mfu is not None else float('nan'):>6.1%}")
     print(json.dumps({"bench": "train_step", "recipe": args.recipe, "moe_backend": args.moe_backend,
-                      "device": device, "dtype": args.dtype,
+                      "device": device, "dtype": args.dtype, "micro_batch": B, "seq_len": L,
                       "params": total, "step_ms": step_s * 1e3, "tokens_per_s": tokens_s, "mfu": mfu,
                       "torch": torch.__version__}))
 
