@@ -54,7 +54,8 @@ def tables(run: Path) -> str:
         if name.startswith("3x"):
             value = f"{shapes['d1024/f4096/E8/k2 balanced']['x_deepspeed_stock']:.2f}×"
         elif name.startswith("0.8x"):
-            value = ", ".join(f"{k.split()[0]} {v['x_dense']:.2f}×" for k, v in shapes.items() if k.endswith("balanced"))
+            value = ", ".join(f"{k.split()[0]} {v['x_dense']:.2f}×" for k, v in shapes.items()
+                              if k.endswith("balanced"))
         elif name.startswith("modality"):
             value = ", ".join(f"{k.split()[0]} {v['modality_bias_time_over_agnostic']:.2f}"
                               for k, v in shapes.items() if k.endswith("balanced"))
@@ -65,7 +66,8 @@ def tables(run: Path) -> str:
             "| backend | params (M) | step ms | tokens/s | MFU |", "|---|---|---|---|---|"]
     for backend in ("torch", "deepspeed", "dropless"):
         step = last_json(run / f"train_step_{backend}.txt")
-        out.append(f"| `{backend}` | {step['params'] / 1e6:.1f} | {step['step_ms']:.1f} | {step['tokens_per_s']:,.0f} | "
+        out.append(f"| `{backend}` | {step['params'] / 1e6:.1f} | {step['step_ms']:.1f} | "
+                   f"{step['tokens_per_s']:,.0f} | "
                    f"{step['mfu']:.1%} |")
     return "\n".join(out) + "\n"
 

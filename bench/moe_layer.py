@@ -312,7 +312,6 @@ def bench_variant(name, d, f, E, k, T, x, modality, routing, args, ep) -> dict |
     result = {"ms": ms, "peak_mib": mib, "dropped": dropped_fraction(name, module, T, E, k)}
     if device == "cuda" and name.startswith("dropless"):
         result["host_syncs"] = count_syncs(module, forward, xi, modality)
-    del module, xi
     if device == "cuda":
         torch.cuda.empty_cache()
     return result

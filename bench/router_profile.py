@@ -74,11 +74,11 @@ def main() -> int:
             print(f"== d{d}/f{f}/E{E}/k{k} {mode}: {ms:.2f} ms fwd+bwd (median of {args.iters})")
             sort = "cuda_time_total" if args.device == "cuda" else "cpu_time_total"
             print(events.table(sort_by=sort, row_limit=args.top, max_name_column_width=70))
-            del module
         diff = sorted(((ops["modality_bias"].get(k_, 0.0) - ops["agnostic"].get(k_, 0.0), k_)
                        for k_ in set(ops["modality_bias"]) | set(ops["agnostic"])), reverse=True)
         top = [(k_, round(v / 1e3, 3)) for v, k_ in diff[:args.top]]
-        print(f"-- d{d}/f{f}/E{E}/k{k}: ops with the most extra time under modality_bias (ms; totals include children):")
+        print(f"-- d{d}/f{f}/E{E}/k{k}: ops with the most extra time under modality_bias "
+              "(ms; totals include children):")
         for key, v in top:
             print(f"   {v:+8.3f}  {key}")
         record["shapes"][f"d{d}/f{f}/E{E}/k{k}"] = {"ms": per_mode, "extra_ms_by_op": top}

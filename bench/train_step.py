@@ -76,7 +76,8 @@ def main() -> None:
     ids = torch.randint(4, args.vocab, (B, L), device=args.device)
     n_img = recipe.data.composition.get("image_text", 0)
     n_txt = recipe.data.composition.get("text", 0)
-    image_rows = [r + B0 * i for i in range(args.batch_scale) for r in list(range(n_img)) + list(range(n_img + n_txt, B0))]
+    rows_of_one = list(range(n_img)) + list(range(n_img + n_txt, B0))  # image+text and image-only rows
+    image_rows = [r + B0 * i for i in range(args.batch_scale) for r in rows_of_one]
     ids[image_rows, 1:1 + P] = config.image_token_id
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
              "pixel_patches": torch.randn(B, P, config.patch_dim, device=args.device, dtype=getattr(torch, args.dtype))}

@@ -15,7 +15,8 @@ SUBCOMMANDS = {
     "index": ("mmoe_ds.data.index", "build a manifest for existing WebDataset shards (local, brace patterns, pipe:, "
                                     "URLs) without rewriting them"),
     "train": ("mmoe_ds.train", "train from a recipe and a DeepSpeed config (use the deepspeed launcher)"),
-    "plan": ("mmoe_ds.training.plan", "per-GPU memory (weights, gradients, optimizer, activations) and FLOPs of a recipe "
+    "plan": ("mmoe_ds.training.plan", "per-GPU memory (weights, gradients, optimizer, activations) and FLOPs "
+             "of a recipe "
                              "at a world size; refuses what cannot fit --gpu-memory"),
     "push": ("mmoe_ds.export.push", "upload an export to the Hugging Face Hub (token from HF_TOKEN or `hf auth login`; "
                              "--dry-run lists the files and the card)"),
@@ -34,6 +35,7 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`mmoe-ds SUBCOMMAND ...`: run the subcommand's own `main` with the remaining arguments."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())

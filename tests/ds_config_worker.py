@@ -22,7 +22,8 @@ def optimizer_bytes(engine) -> int:
     model_ids = {id(p) for p in engine.module.parameters()}
     state = sum(t.numel() * t.element_size() for s in inner.state.values() for t in s.values()
                 if torch.is_tensor(t) and t.dim() > 0)
-    masters = sum(p.numel() * p.element_size() for g in inner.param_groups for p in g["params"] if id(p) not in model_ids)
+    masters = sum(p.numel() * p.element_size() for g in inner.param_groups for p in g["params"]
+                  if id(p) not in model_ids)
     return state + masters
 
 

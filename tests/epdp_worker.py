@@ -163,8 +163,8 @@ def main() -> None:
         result[f"resume_ep{ep}"] = {"step": resumed_meta["step"], "rank_state": rank_state is not None,
                                     "loaded_vs_saved": rel(loaded, saved),
                                     "next_loss": loss, "continued_loss": continued_loss,
-                                    "next_params_vs_continued": rel(global_state(engine, ep, MODEL["num_local_experts"]),
-                                                                    continued)}
+                                    "next_params_vs_continued": rel(
+                                        global_state(engine, ep, MODEL["num_local_experts"]), continued)}
     finish_worker(out, rank, result)
 
 if __name__ == "__main__":

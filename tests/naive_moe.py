@@ -2,8 +2,9 @@
 
 Written from the documented rules (README, `RouterConfig`'s docstring), not from the router:
 per-token Python loops in float64, pools read from the configuration's `pools` dict, capacity
-by DeepSpeed's fp32 formula written out with numpy, the "probs" drop policy as a plain sort. Slow and obvious on purpose,
-so a test comparing the real layer with it proves something about routing.
+by DeepSpeed's fp32 formula written out with numpy, the "probs" drop policy as a plain sort.
+Slow and obvious on purpose, so a test comparing the real layer with it proves something about
+routing.
 """
 from __future__ import annotations
 

@@ -112,7 +112,8 @@ def test_per_modality_losses_ignore_other_modalities_tokens():
         (L.modality_load_balance(probs, chosen, k, image, torch.tensor([4.0, 4.0]))[1],
          L.modality_load_balance(probs2, chosen2, k2, mod2, torch.tensor([4.0, 4.0]))[1]),
         (L.local_entropy(probs, image, 2)[1], L.local_entropy(probs2, mod2, 2)[1]),
-        (L.global_entropy(probs, image, torch.tensor([1.3, 1.3]))[1], L.global_entropy(probs2, mod2, torch.tensor([1.3, 1.3]))[1]),
+        (L.global_entropy(probs, image, torch.tensor([1.3, 1.3]))[1],
+         L.global_entropy(probs2, mod2, torch.tensor([1.3, 1.3]))[1]),
         (L.matched_utilization(probs, chosen, k, image, target)[1],
          L.matched_utilization(probs2, chosen2, k2, mod2, target)[1]),
     ]
@@ -125,7 +126,8 @@ def test_balanced_router_has_minimal_load_balance():
     chosen = torch.arange(8).remainder(4)[:, None]
     assert L.load_balance(probs, chosen, torch.ones(8, dtype=torch.long)).item() == pytest.approx(1.0)
     collapsed = torch.zeros(8, 1, dtype=torch.long)
-    assert L.load_balance(torch.tensor([[1.0, 0, 0, 0]]).repeat(8, 1), collapsed, torch.ones(8, dtype=torch.long)).item() == pytest.approx(4.0)
+    one_hot = torch.tensor([[1.0, 0, 0, 0]]).repeat(8, 1)
+    assert L.load_balance(one_hot, collapsed, torch.ones(8, dtype=torch.long)).item() == pytest.approx(4.0)
 
 
 def test_router_scales_pool_losses_by_the_configured_pool_sizes():

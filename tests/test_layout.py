@@ -171,5 +171,6 @@ def test_readme_layout_rows_name_their_packages_modules():
         present |= {p.name + "/" for p in package.iterdir() if (p / "__init__.py").exists()}
         named.discard("__init__.py")
         if named != present:
-            problems.append(f"{heads[0]}: not named {sorted(present - named)}, named but absent {sorted(named - present)}")
+            problems.append(f"{heads[0]}: not named {sorted(present - named)}, "
+                            f"named but absent {sorted(named - present)}")
     assert problems == []

@@ -50,7 +50,8 @@ def test_outputs_follow_hf_moe_conventions():
     model = MmoeForCausalLM(tiny_config(output_router_logits=True))
     out = model(**batch())
     assert len(out.router_logits) == 1 and out.router_logits[0].shape == (3 * (1 + P + 5), 4)
-    expected = out.text_loss + model.config.router_aux_loss_coef * out.aux_loss + model.config.image_loss_coef * out.image_loss
+    c = model.config
+    expected = out.text_loss + c.router_aux_loss_coef * out.aux_loss + c.image_loss_coef * out.image_loss
     torch.testing.assert_close(out.loss, expected)
     out.loss.backward()
     assert model.model.patch_embed.weight.grad.abs().sum() > 0
@@ -91,7 +92,8 @@ def test_export_loads_with_trust_remote_code_without_mmoe_ds_or_deepspeed(tmp_pa
             torch.save(model(**b).logits, {str(tmp_path / 'logits.pt')!r})
     """)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))
-    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
     config = json.loads((export_dir / "config.json").read_text())

@@ -51,4 +51,5 @@ def test_a_target_that_no_longer_matches_fails_clearly(tmp_path):
     (tmp_path / "mmoe_ds" / "x.py").write_text("a = 1\n")
     m = tool.Mutation("gone", "mmoe_ds/x.py", "a = 2", "a = 3", ["tests/test_x.py"])
     assert tool.check_applies(tmp_path, m) == "mmoe_ds/x.py: 0 occurrences of 'a = 2' (need exactly 1)"
-    assert tool.check_applies(tmp_path, tool.Mutation("x", "mmoe_ds/y.py", "a", "b", [])) == "mmoe_ds/y.py does not exist"
+    missing = tool.Mutation("x", "mmoe_ds/y.py", "a", "b", [])
+    assert tool.check_applies(tmp_path, missing) == "mmoe_ds/y.py does not exist"

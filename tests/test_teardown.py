@@ -58,6 +58,7 @@ def test_exit_process_keeps_the_exit_status_and_the_output():
 
 
 def test_without_distributed_it_is_a_plain_exit():
-    script = "from mmoe_ds.training.teardown import exit_process, shutdown_distributed\nprint(shutdown_distributed())\nexit_process(0)"
+    script = ("from mmoe_ds.training.teardown import exit_process, shutdown_distributed\n"
+              "print(shutdown_distributed())\nexit_process(0)")
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert (proc.returncode, proc.stdout) == (0, "[]\n"), proc.stderr[-3000:]

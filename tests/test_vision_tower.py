@@ -105,7 +105,8 @@ def test_tower_gives_the_saved_models_patch_features_and_the_processor_its_pixel
     ids = batch["input_ids"][0].tolist()
     image_id, text_ids = processor.image_token_id, processor.tokenizer("a red square", add_special_tokens=False)
     assert ids[:1 + 16 + len(text_ids["input_ids"]) + 1] == (
-        [processor.tokenizer.bos_token_id] + [image_id] * 16 + text_ids["input_ids"] + [processor.tokenizer.eos_token_id])
+        [processor.tokenizer.bos_token_id] + [image_id] * 16 + text_ids["input_ids"]
+        + [processor.tokenizer.eos_token_id])
 
 
 def test_image_features_reach_the_moe_layers(tower_setup):
@@ -120,7 +121,8 @@ def test_image_features_reach_the_moe_layers(tower_setup):
     model.eval()
     with torch.no_grad():
         for batch in (a, b):
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"])
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  pixel_values=batch["pixel_values"])
     for h in hooks:
         h.remove()
     image_positions = a["modality_ids"] == 0

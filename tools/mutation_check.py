@@ -189,7 +189,8 @@ MUTATIONS += _area("experiments", [
 
 MUTATIONS += _area("data", [
     Mutation("tar_checksum_field_short", "mmoe_ds/data/tar_reader.py",
-             "if header[148:156].translate(None, CHECKSUM_CHARS):", "if header[148:155].translate(None, CHECKSUM_CHARS):",
+             "if header[148:156].translate(None, CHECKSUM_CHARS):",
+             "if header[148:155].translate(None, CHECKSUM_CHARS):",
              CORRUPTION_T, select="archive_damage", why="damage to the checksum field's last byte not seen"),
     Mutation("tar_end_marker_one_block", "mmoe_ds/data/tar_reader.py",
              "if tail < 2 * BLOCK:", "if tail < BLOCK:", CORRUPTION_T, select="archive_damage",

@@ -100,7 +100,8 @@ def deepspeed_config_path(cli_path: str | None, environ: MutableMapping[str, str
             overrides.append("--mixed_precision")
         if overrides:
             raise ConfigError(f"accelerate launch {', '.join(overrides)}: this trainer takes DeepSpeed settings only "
-                              f"from the DeepSpeed config file; drop them (flags, or `accelerate config` answers) and set "
+                              f"from the DeepSpeed config file; drop them (flags, or `accelerate config` answers) "
+                              f"and set "
                               f"them in the file passed as --deepspeed_config_file (ds_configs/zero1_bf16.json: bf16).")
     if cli_path and accel_path and os.path.realpath(cli_path) != os.path.realpath(accel_path):
         raise ConfigError(f"two DeepSpeed configs: --deepspeed_config {cli_path} and accelerate's "

@@ -170,6 +170,7 @@ def parse_shard_size(text: str) -> int:
 
 
 def main(argv: list[str]) -> int:
+    """`mmoe-ds export CHECKPOINT OUT`: write one HF folder from a run's checkpoint (exit 2 on bad input)."""
     parser = argparse.ArgumentParser(prog="mmoe-ds export", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="run output dir, its checkpoints/ dir, or a tag dir")
     parser.add_argument("out", help="folder to write the HF model to")

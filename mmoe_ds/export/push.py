@@ -51,9 +51,11 @@ class PushPlan:
 
     @property
     def names(self) -> list[str]:
+        """The paths to upload, relative to the export folder."""
         return [name for name, _ in self.files]
 
     def describe(self) -> str:
+        """What `--dry-run` prints: every file with its size, then the model card."""
         total = sum(size for _, size in self.files)
         lines = [f"would upload {len(self.files)} files ({total} bytes) from {self.export_dir} to {self.repo_id}:"]
         lines += [f"  {size:>12}  {name}" for name, size in self.files]
@@ -64,6 +66,8 @@ class PushPlan:
 
 @dataclass
 class PushResult:
+    """Where the upload went: the repository, the commit, and the pull request when one was opened."""
+
     repo_url: str
     commit_url: str
     pr_url: str | None

@@ -109,7 +109,8 @@ class MmoeConfig(PretrainedConfig):
                              f"num_attention_heads={self.num_attention_heads} (grouped-query attention).")
         self._validate_positions()
         if self.image_size % self.patch_size:
-            raise ValueError(f"MmoeConfig.image_size={self.image_size} must be a multiple of patch_size={self.patch_size}.")
+            raise ValueError(f"MmoeConfig.image_size={self.image_size} must be a multiple of "
+                             f"patch_size={self.patch_size}.")
         self._validate_moe_layers()
         for name in ("modality_embedding", "attention_bias", "tie_word_embeddings", "freeze_vision_tower"):
             if not isinstance(getattr(self, name), bool):

@@ -128,7 +128,8 @@ def _kernel_works(fn, device: torch.device, dtype: torch.dtype) -> bool:
 class LocalExperts(nn.Module):
     """The experts held by this rank."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, expert_group_name: str | None = None):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
+                 expert_group_name: str | None = None):
         super().__init__()
         self.num_local_experts = num_experts
         self.deepspeed_experts = nn.ModuleList(ExpertFFN(hidden_size, intermediate_size) for _ in range(num_experts))

@@ -151,7 +151,8 @@ def router_aux_losses(cfg: RouterConfig, logits: Tensor, probs: Tensor, chosen: 
     M = cfg.num_modalities
     if probs.shape[0] == 0:  # no tokens on this rank: no loss, but still a graph for backward
         return _no_tokens_losses(cfg, logits)
-    terms: dict[str, tuple[float, Tensor]] = {"load_balance": (cfg.load_balance_coef, load_balance(probs, chosen, top_k))}
+    terms: dict[str, tuple[float, Tensor]] = {
+        "load_balance": (cfg.load_balance_coef, load_balance(probs, chosen, top_k))}
     if cfg.modality_load_balance_coef:
         pool_sizes = probs.new_tensor([len(p) for p in cfg.pool_members])
         value, per = modality_load_balance(probs, chosen, top_k, modality_ids, pool_sizes)
@@ -163,7 +164,8 @@ def router_aux_losses(cfg: RouterConfig, logits: Tensor, probs: Tensor, chosen: 
     if cfg.global_entropy_coef:
         tau = [cfg.global_entropy_threshold if cfg.global_entropy_threshold is not None else math.log(len(p))
                for p in cfg.pool_members]
-        terms["global_entropy"] = (cfg.global_entropy_coef, global_entropy(probs, modality_ids, probs.new_tensor(tau))[0])
+        terms["global_entropy"] = (cfg.global_entropy_coef,
+                                   global_entropy(probs, modality_ids, probs.new_tensor(tau))[0])
     if cfg.entropy_floor_coef:
         floor = cfg.entropy_floor if cfg.entropy_floor is not None else 0.9 * math.log(cfg.num_experts)
         terms["entropy_floor"] = (cfg.entropy_floor_coef, entropy_floor(probs, floor))

@@ -88,7 +88,8 @@ def read_init_source(path: str | Path, where: str = "train.init_from", need_weig
     try:
         raw = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
-        raise ConfigError(f"{where}={path}: config.json is not JSON ({e}); export or upcycle the model again.") from None
+        raise ConfigError(f"{where}={path}: config.json is not JSON ({e}); "
+                          f"export or upcycle the model again.") from None
     if raw.get("model_type") != "mmoe":
         raise ConfigError(f"{where}={path}: a {raw.get('model_type')!r} model, not an mmoe-ds one; turn a dense "
                           f"Llama-family LM into one with `mmoe-ds upcycle --lm {path} --out DIR` and point "

@@ -133,7 +133,8 @@ class Plan:
     def table(self) -> str:
         """The per-GPU table `--check` and `mmoe-ds plan` print."""
         p = self.params
-        lines = [f"memory plan per GPU: {self.world_size} GPUs, expert-parallel {self.ep_size}, ZeRO-{self.zero_stage}, "
+        lines = [f"memory plan per GPU: {self.world_size} GPUs, expert-parallel {self.ep_size}, "
+                 f"ZeRO-{self.zero_stage}, "
                  f"{self.dtype}, micro batch {self.micro_batch} x {self.seq_len} tokens",
                  f"  parameters: {human_count(p.total)} in all ({human_count(p.expert_trained + p.expert_frozen)} in "
                  f"experts, {human_count(p.vision)} vision), {human_count(p.dense_frozen + p.expert_frozen)} frozen"]

@@ -44,7 +44,8 @@ def write_routing_report(layer_stats: list[RoutingStats], layer_ids: list[int], 
         tokens = stats.tokens.cpu().tolist()
         dropped, entropy = stats.dropped.cpu().tolist(), stats.entropy.cpu().tolist()
         lines += [f"## Layer {layer}  (specialization TV distance: {tv:.1f})", "",
-                  "| modality | tokens | dropped routes | entropy (nats) | " + " | ".join(f"e{e}" for e in range(E)) + " |",
+                  "| modality | tokens | dropped routes | entropy (nats) | "
+                  + " | ".join(f"e{e}" for e in range(E)) + " |",
                   "|---|---|---|---|" + "---|" * E]
         for i, m in enumerate(modalities):
             lines.append(f"| {m} | {int(tokens[i])} | {int(dropped[i])} | {entropy[i]:.3f} | "

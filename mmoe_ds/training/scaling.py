@@ -169,7 +169,8 @@ def render(measured: dict, root: Path = Path(".")) -> str:
              "| bytes per layer, formula | bytes per layer, measured | calls |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in measured["rows"]:
-        lines.append(f"| {row['world_size']} | {row['ep_size']} | {row['rank']} | {row['tokens']} ({row['image_tokens']}) "
+        lines.append(f"| {row['world_size']} | {row['ep_size']} | {row['rank']} "
+                     f"| {row['tokens']} ({row['image_tokens']}) "
                      f"| {row['experts']} | {row['hidden']} "
                      f"| {row['drop_tokens']} | {row['capacity_formula']} | {row['capacity_router']} "
                      f"| {row['bytes_formula']:,} | {row['bytes_measured']:,} | {row['calls']} |")
@@ -261,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     text = render(measured, root)
     if args.check:
         same = (root / DOC).read_text() == text
-        print("docs/scaling.md is up to date" if same else "docs/scaling.md differs: run python -m mmoe_ds.training.scaling")
+        print("docs/scaling.md is up to date" if same
+              else "docs/scaling.md differs: run python -m mmoe_ds.training.scaling")
         return 0 if same else 1
     (root / DOC).write_text(text)
     print(f"wrote {DOC}")
