@@ -275,6 +275,18 @@ def check_paths(d, f, E, k, x, modality) -> dict:
     return out
 
 
+def training_step(module, forward, xi, modality):
+    """One timed step: zero the gradients, forward, loss = mean(y^2) + the layer's aux loss, backward."""
+    def step():
+        module.zero_grad(set_to_none=True)
+        xi.grad = None
+        out, aux = forward(module, xi, modality)
+        loss = out.float().square().mean()
+        (loss if aux is None else loss + aux).backward()
+
+    return step
+
+
 def bench_variant(name, d, f, E, k, T, x, modality, routing, args, ep) -> dict | None:
     device, dtype = args.device, x.dtype
     torch.manual_seed(0)
@@ -290,12 +302,7 @@ def bench_variant(name, d, f, E, k, T, x, modality, routing, args, ep) -> dict |
     rows = name in ("dense", "grouped_gemm")
     xi = (torch.randn(T * k, d, generator=g).to(device, dtype) if rows else x.clone()).requires_grad_(True)
 
-    def step():
-        module.zero_grad(set_to_none=True)
-        xi.grad = None
-        out, aux = forward(module, xi, modality)
-        loss = out.float().square().mean()
-        (loss if aux is None else loss + aux).backward()
+    step = training_step(module, forward, xi, modality)
 
     def reset():
         module.zero_grad(set_to_none=True)

@@ -14,7 +14,7 @@ import argparse
 import json
 
 import torch
-from moe_layer import SHAPES, build, construct, init_distributed, timed
+from moe_layer import SHAPES, build, construct, init_distributed, timed, training_step
 
 
 def profile_step(step, device: str):
@@ -57,15 +57,7 @@ def main() -> int:
             torch.manual_seed(0)
             module, forward = construct(args.device, lambda: build(name, d, f, E, k, 1))
             module.to(args.device, dtype)
-            xi = x.clone().requires_grad_(True)
-
-            def step():
-                module.zero_grad(set_to_none=True)
-                xi.grad = None
-                out, aux = forward(module, xi, modality)
-                loss = out.float().square().mean()
-                (loss if aux is None else loss + aux).backward()
-
+            step = training_step(module, forward, x.clone().requires_grad_(True), modality)
             ms, _ = timed(step, args.warmup, args.iters, args.device, lambda: None)
             events = profile_step(step, args.device)
             mode = "modality_bias" if name.endswith("modality_bias") else "agnostic"
