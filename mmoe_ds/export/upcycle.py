@@ -23,6 +23,12 @@ The `<image>` token is added to the LM's tokenizer as a special token; its embed
 row, or an unused padding row of the embedding) and LM-head row are the mean of the rows of the
 tokenizer's other tokens. The folder is written the way `mmoe-ds export` writes one (weights,
 config, remote code, tokenizer / processor, card), atomically.
+
+Memory: the MoE model exists only on the meta device (names and shapes); each output tensor is made
+from its source when it is written (the dense tensor read from the LM's files, the FFN read once per
+layer and copied into each expert) and goes straight to its place in the safetensors shards, so the
+peak is about the largest tensor (the embedding in fp32), not the model or a shard; the files are the
+bytes `save_pretrained` of the whole model would write (bench/upcycle_memory.py, docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +46,7 @@ from ..data.schema import IMAGE_TOKEN
 from ..errors import UpcycleError
 from ..io.atomic import staged_directory
 from ..model import MmoeConfig, MmoeForCausalLM
+from . import DEFAULT_MAX_SHARD_SIZE, parse_shard_size
 
 # Dense LMs this maps one to one: architecture class -> model_type.
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
@@ -65,10 +73,13 @@ class UpcycleOptions:
     dtype: str = "float32"
     resize: bool = True  # grow the embedding when the tokenizer's <image> id does not fit
     seed: int = 0
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE  # safetensors shards of at most this size
 
 
 @dataclass
 class UpcycleResult:
+    """What `upcycle` wrote: the folder, the MoE config, and the facts the CLI prints."""
+
     out: Path
     config: MmoeConfig
     architecture: str
@@ -223,94 +234,385 @@ def build_config(lm_config, arch: str, prepared: PreparedTokenizer, options: Upc
 
 
 def _mean_rows(weight: torch.Tensor, ids: list[int]) -> torch.Tensor:
-    return weight[torch.tensor(ids)].float().mean(0).to(weight.dtype)
+    """The mean of the rows `ids` of `weight` (a consecutive run of ids is read in place, not gathered:
+    the same contiguous rows, so the same sum, without a copy of the embedding)."""
+    consecutive = bool(ids) and ids == list(range(ids[0], ids[0] + len(ids)))
+    rows = weight[ids[0]: ids[0] + len(ids)] if consecutive else weight[torch.tensor(ids)]
+    return rows.float().mean(0).to(weight.dtype)
 
 
-def resized_rows(weight: torch.Tensor, prepared: PreparedTokenizer) -> torch.Tensor:
+def resized_rows(weight: torch.Tensor, prepared: PreparedTokenizer, in_place: bool = False) -> torch.Tensor:
     """[vocab_size, d]: the LM's rows, extra rows added; the `<image>` row and any added row are the
-    mean of the tokenizer's other tokens' rows."""
-    out = weight.new_empty(prepared.vocab_size, weight.shape[1])
-    out[: weight.shape[0]] = weight
+    mean of the tokenizer's other tokens' rows. With `in_place` (a tensor the caller owns) and no row to
+    add, `weight` itself is changed and returned (no second copy of the embedding)."""
     mean = _mean_rows(weight, prepared.token_ids)
+    if in_place and weight.shape[0] == prepared.vocab_size:
+        out = weight
+    else:
+        out = weight.new_empty(prepared.vocab_size, weight.shape[1])
+        out[: weight.shape[0]] = weight
     out[weight.shape[0]:] = mean
     out[prepared.image_token_id] = mean
     return out
 
 
-def map_weights(lm_state: dict[str, torch.Tensor], config: MmoeConfig, prepared: PreparedTokenizer,
-                options: UpcycleOptions) -> dict[str, torch.Tensor]:
-    """The dense LM's state dict in the MoE model's names (everything the LM has; the router, the
-    vision tower and the projector are not in it).
+def iter_mapped_weights(lm_state: Mapping[str, torch.Tensor], config: MmoeConfig, prepared: PreparedTokenizer,
+                        options: UpcycleOptions) -> Iterator[tuple[str, torch.Tensor]]:
+    """The dense LM's tensors in the MoE model's names, one at a time, layer by layer (everything the LM
+    has; the routers, the vision tower and the projector are not in it).
 
     Args:
-        lm_state: the HF Llama/Qwen2/Mistral state dict (`model.layers.{i}.self_attn.q_proj.weight`, ...).
+        lm_state: the HF Llama/Qwen2/Mistral state dict (`model.layers.{i}.self_attn.q_proj.weight`, ...) in
+            fp32, or a lazy mapping (`LazyTensors`) that reads each tensor when asked for it.
         config: the MoE model's config (which layers are MoE, how many experts).
         prepared: the tokenizer's `<image>` placement (embedding resize).
-        options: noise and seed for the expert copies.
-    Returns:
-        {MoE parameter name: tensor}.
+        options: noise and seed for the expert copies; the noise is drawn from one generator in the order
+            layer, expert, w1/w3/w2, so the same seed gives the same experts however they are written.
+    Yields:
+        (MoE parameter name, fp32 tensor); a layer's FFN is read once and copied into each expert.
     """
     g = torch.Generator().manual_seed(options.seed)
-    out = {"model.embed_tokens.weight": resized_rows(lm_state["model.embed_tokens.weight"], prepared),
-           "model.norm.weight": lm_state["model.norm.weight"]}
+    fresh = getattr(lm_state, "returns_copies", False)  # LazyTensors: each lookup is a new tensor, ours to change
+    yield "model.embed_tokens.weight", resized_rows(lm_state["model.embed_tokens.weight"], prepared, fresh)
+    yield "model.norm.weight", lm_state["model.norm.weight"]
     if not config.tie_word_embeddings:
-        out["lm_head.weight"] = resized_rows(lm_state["lm_head.weight"], prepared)
+        yield "lm_head.weight", resized_rows(lm_state["lm_head.weight"], prepared, fresh)
     for i in range(config.num_hidden_layers):
         src, dst = f"model.layers.{i}.", f"model.layers.{i}."
-        out[dst + "attn_norm.weight"] = lm_state[src + "input_layernorm.weight"]
-        out[dst + "ffn_norm.weight"] = lm_state[src + "post_attention_layernorm.weight"]
+        yield dst + "attn_norm.weight", lm_state[src + "input_layernorm.weight"]
+        yield dst + "ffn_norm.weight", lm_state[src + "post_attention_layernorm.weight"]
         attn = src + "self_attn."
-        out[dst + "attn.qkv.weight"] = torch.cat([lm_state[attn + f"{p}_proj.weight"] for p in "qkv"])
+        yield dst + "attn.qkv.weight", torch.cat([lm_state[attn + f"{p}_proj.weight"] for p in "qkv"])
         if config.attention_bias:
-            out[dst + "attn.qkv.bias"] = torch.cat([lm_state[attn + f"{p}_proj.bias"] for p in "qkv"])
-        out[dst + "attn.o_proj.weight"] = lm_state[attn + "o_proj.weight"]
+            yield dst + "attn.qkv.bias", torch.cat([lm_state[attn + f"{p}_proj.bias"] for p in "qkv"])
+        yield dst + "attn.o_proj.weight", lm_state[attn + "o_proj.weight"]
         ffn = {"w1": lm_state[src + "mlp.gate_proj.weight"], "w3": lm_state[src + "mlp.up_proj.weight"],
                "w2": lm_state[src + "mlp.down_proj.weight"]}
         if not config.is_moe_layer(i):
-            out.update({f"{dst}ffn.{name}.weight": w for name, w in ffn.items()})
+            yield from ((f"{dst}ffn.{name}.weight", w) for name, w in ffn.items())
             continue
         for e in range(config.num_local_experts):
             for name, w in ffn.items():
                 if options.noise > 0:
                     w = w + torch.randn(w.shape, generator=g, dtype=torch.float32).to(w.dtype) * (
                         options.noise * w.float().std())
-                out[f"{dst}ffn.deepspeed_moe.experts.deepspeed_experts.{e}.{name}.weight"] = w
-    return out
+                yield f"{dst}ffn.deepspeed_moe.experts.deepspeed_experts.{e}.{name}.weight", w
+
+
+def map_weights(lm_state: dict[str, torch.Tensor], config: MmoeConfig, prepared: PreparedTokenizer,
+                options: UpcycleOptions) -> dict[str, torch.Tensor]:
+    """`iter_mapped_weights` as one dict {MoE parameter name: tensor} (the whole model in memory)."""
+    return dict(iter_mapped_weights(lm_state, config, prepared, options))
+
+
+def _module_names(model: torch.nn.Module) -> dict[int, str]:
+    """{id(module): its name in the state dict} for every submodule of `model`."""
+    return {id(module): name for name, module in model.named_modules()}
+
+
+def router_weights(model: MmoeForCausalLM, options: UpcycleOptions) -> Iterator[tuple[str, torch.Tensor]]:
+    """Router weights: zero, or normal(0, initializer_range) seeded by `options.seed` (drawn layer by layer).
+    A modality_bias table starts at zero (the router then starts modality-agnostic). `model` may be on the
+    meta device: only its parameter names and shapes are read.
+    Yields: (parameter name, fp32 tensor)."""
+    g = torch.Generator().manual_seed(options.seed + 1)
+    std = model.config.initializer_range
+    names = _module_names(model)
+    for layer in model.model.layers:
+        if not layer.is_moe:
+            continue
+        gate = layer.ffn.deepspeed_moe.gate
+        for name, p in gate.named_parameters(prefix=names[id(gate)]):
+            if options.router_init == "normal" and p is gate.wg.weight:
+                yield name, torch.randn(p.shape, generator=g) * std
+            else:
+                yield name, torch.zeros(p.shape)
+
+
+def fresh_weights(model: MmoeForCausalLM, options: UpcycleOptions) -> Iterator[tuple[str, torch.Tensor]]:
+    """The modules neither the LM nor the vision model has: the vision projector (with `--vision`) or the
+    patch embedding (without), initialised as the model's `_init_weights` makes a Linear (weights
+    normal(0, initializer_range), biases zero) from a generator seeded by `options.seed` (+ 2), so the same
+    seed gives the same folder. `model` may be on the meta device.
+    Yields: (parameter name, fp32 tensor)."""
+    g = torch.Generator().manual_seed(options.seed + 2)
+    std = model.config.initializer_range
+    names = _module_names(model)
+    vision = getattr(model.model, "vision", None)
+    new = vision.projector if vision is not None else model.model.patch_embed
+    for name, p in new.named_parameters(prefix=names[id(new)]):
+        yield name, (torch.randn(p.shape, generator=g) * std if p.dim() > 1 else torch.zeros(p.shape))
 
 
 def init_routers(model: MmoeForCausalLM, options: UpcycleOptions) -> None:
-    """Router weights: zero, or normal(0, initializer_range) seeded by `options.seed`. A
-    modality_bias table starts at zero (the router then starts modality-agnostic)."""
-    g = torch.Generator().manual_seed(options.seed + 1)
-    std = model.config.initializer_range
+    """Set the routers of a built model in place (`router_weights`)."""
+    params = dict(model.named_parameters())
     with torch.no_grad():
-        for layer in model.model.layers:
-            if not layer.is_moe:
-                continue
-            gate = layer.ffn.deepspeed_moe.gate
-            for p in gate.parameters():
-                if options.router_init == "normal" and p is gate.wg.weight:
-                    p.copy_(torch.randn(p.shape, generator=g) * std)
-                else:
-                    p.zero_()
+        for name, value in router_weights(model, options):
+            params[name].copy_(value)
 
 
-def _initialised_here(name: str, config: MmoeConfig) -> bool:
-    """Parameters the dense LM does not have: routers, the patch embedding or vision tower, the tied head."""
-    return (".deepspeed_moe.gate." in name or name.startswith(("model.patch_embed.", "model.vision."))
-            or (config.tie_word_embeddings and name == "lm_head.weight"))
+# -- reading the dense checkpoints one tensor at a time ---------------------------------------------------------
+
+WEIGHT_FILES = (("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json",
+                                                                        "pytorch_model.bin"))
 
 
-def load_dense_lm(path: str | os.PathLike):
-    """The dense LM in fp32 (on CPU), from a local folder only."""
-    from transformers import AutoModelForCausalLM
+class LazyTensors(Mapping):
+    """A folder's weights (safetensors shards with model.safetensors.index.json, one model.safetensors, or
+    the older pytorch_model.bin files) as a read-only mapping that reads a tensor when it is asked for,
+    returned in fp32 (as `from_pretrained(..., dtype=torch.float32)` gives it): nothing else stays in memory.
+    A safetensors file is opened for each tensor (its pages are unmapped again); a .bin file is a pickle and
+    is read whole (weights-only), one file at a time; a .bin lookup is a copy too (`returns_copies`).
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+    Args:
+        folder: the model folder.
+        flag: the CLI flag that named it (`--lm`, `--vision`), for messages.
+        prefix: tried in front of a name the files lack (a base model saved without `model.`).
+    Raises:
+        UpcycleError: no weight files in the folder; a name the files lack (on lookup).
+    """
+
+    returns_copies = True
+
+    def __init__(self, folder: str | os.PathLike, flag: str, prefix: str = ""):
+        self.folder, self.flag, self.prefix = Path(folder), flag, prefix
+        self._cached: tuple[Path, dict] | None = None
+        for index_name, single in WEIGHT_FILES:
+            if (self.folder / index_name).is_file():
+                weight_map = json.loads((self.folder / index_name).read_text())["weight_map"]
+                self.files = {name: self.folder / file for name, file in weight_map.items()}
+                break
+            if (self.folder / single).is_file():
+                self.files = dict.fromkeys(self._keys(self.folder / single), self.folder / single)
+                break
+        else:
+            raise UpcycleError(f"{flag} {folder}: no weights (model.safetensors, its shards with "
+                               "model.safetensors.index.json, or pytorch_model.bin); save the model with "
+                               "save_pretrained into that folder.")
+
+    @staticmethod
+    def _keys(path: Path) -> list[str]:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                return list(f.keys())
+        from ..io.safe_load import safe_torch_load
+
+        return list(safe_torch_load(path))
+
+    def _key(self, name: str) -> str:
+        if name in self.files:
+            return name
+        if self.prefix and name.startswith(self.prefix) and name[len(self.prefix):] in self.files:
+            return name[len(self.prefix):]
+        raise UpcycleError(f"{self.flag} {self.folder}: the weights have no tensor {name!r} (its config asks for "
+                           "it); the folder's weights and config.json are from different models.")
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        key = self._key(name)
+        path = self.files[key]
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                tensor = f.get_tensor(key)
+        else:
+            if self._cached is None or self._cached[0] != path:
+                from ..io.safe_load import safe_torch_load
+
+                self._cached = None  # the previous file goes before the next one is read
+                self._cached = (path, safe_torch_load(path))
+            tensor = self._cached[1][key]
+            if tensor.dtype == torch.float32 or not tensor.is_floating_point():
+                tensor = tensor.clone()  # the file's dict keeps its own
+        return tensor.float() if tensor.is_floating_point() else tensor
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The tensor's shape, without reading it (a .bin file is read)."""
+        key = self._key(name)
+        path = self.files[key]
+        if path.suffix != ".safetensors":
+            return tuple(self[name].shape)
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            return tuple(f.get_slice(key).get_shape())
+
+    def __iter__(self):
+        return iter(self.files)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+
+def vision_weights(model: MmoeForCausalLM, vision: str | os.PathLike) -> Iterator[tuple[str, torch.Tensor]]:
+    """The pretrained encoder's tensors in the MoE model's names, one at a time (fp32). A tensor is found
+    under the encoder's own name, or as the one name ending in `.<that name>` (an encoder inside a whole
+    CLIP / SigLIP model). Folders where that does not find every tensor with its shape are read by
+    transformers' loader instead (`load_tower_weights`: the whole tower in memory, its errors).
+
+    Args:
+        model: the MoE model (the meta device is enough: names and shapes).
+        vision: the vision model's folder.
+    Raises:
+        UpcycleError: weights that do not fit the vision config (from the loader).
+    """
+    encoder = model.model.vision.encoder
+    prefix = _module_names(model)[id(encoder)] + "."
+    wanted = {name: tuple(t.shape) for name, t in encoder.state_dict().items()}
+    found: dict[str, str] = {}
+    try:
+        source = LazyTensors(vision, "--vision")
+        for name, shape in wanted.items():
+            candidates = [name] if name in source.files else [k for k in source.files if k.endswith("." + name)]
+            if len(candidates) != 1 or source.shape(candidates[0]) != shape:
+                break
+            found[name] = candidates[0]
+    except UpcycleError:
+        pass
+    if len(found) == len(wanted):
+        for name, key in found.items():
+            yield prefix + name, source[key]
+        return
+    from ..model.vision import build_encoder, load_tower_weights
+
+    tower = torch.nn.Module()
+    tower.encoder = build_encoder(model.config.vision_config)
+    try:
+        load_tower_weights(tower, vision)
+    except ValueError as e:
+        raise UpcycleError(str(e)) from None
+    for name, tensor in tower.encoder.state_dict().items():
+        yield prefix + name, tensor.float()
+
+
+# -- writing the MoE folder's weights one tensor at a time ------------------------------------------------------
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+                      torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+class SafetensorsShardWriter:
+    """Writes the safetensors files `model.save_pretrained(folder, max_shard_size=...)` writes (the same
+    bytes: huggingface_hub's split into shards, safetensors' layout, model.safetensors.index.json), given
+    each tensor's name, shape and dtype up front and then the tensors one at a time, in any order.
+
+    A safetensors file is a header (every tensor's dtype, shape and byte range, sorted by name) followed by
+    the data, so with the shapes known the header is written first and each tensor goes straight to its
+    place: memory holds one tensor, however large the model or a shard.
+
+    Args:
+        folder: where the files go (a fresh, staged folder).
+        specs: {name: (shape, dtype)} of every tensor the files will hold, in the model's state-dict order
+            (the order the split into shards follows); the tensors of one file share one dtype.
+        max_shard_size: as for `save_pretrained` (bytes or "2GB").
+        total_parameters: the index's `metadata.total_parameters` (`model.num_parameters()`).
+    """
+
+    def __init__(self, folder: Path, specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                 max_shard_size: int | str, total_parameters: int):
+        import struct
+
+        from huggingface_hub import split_torch_state_dict_into_shards
+
+        self.folder, self.specs, self.total_parameters = Path(folder), specs, total_parameters
+        meta = {name: torch.empty(shape, dtype=dtype, device="meta") for name, (shape, dtype) in specs.items()}
+        self.split = split_torch_state_dict_into_shards(meta, filename_pattern="model{suffix}.safetensors",
+                                                        max_shard_size=max_shard_size)
+        self._files, self._where, self._written = [], {}, set()
+        for filename, names in self.split.filename_to_tensors.items():
+            dtypes = {specs[n][1] for n in names}
+            if len(dtypes) != 1:
+                raise ValueError(f"{filename}: tensors of dtypes {sorted(map(str, dtypes))} in one file; this writer "
+                                 "lays out one dtype per file.")
+            header, offset, places = {"__metadata__": {"format": "pt"}}, 0, {}
+            for name in sorted(names):
+                shape, dtype = specs[name]
+                nbytes = torch.Size(shape).numel() * dtype.itemsize
+                header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                                "data_offsets": [offset, offset + nbytes]}
+                places[name], offset = offset, offset + nbytes
+            raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+            raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+            f = open(self.folder / filename, "wb")
+            self._files.append(f)
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            f.truncate(8 + len(raw) + offset)
+            self._where.update({name: (f, 8 + len(raw) + place) for name, place in places.items()})
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Cast `tensor` to its planned dtype and write it in its place. Raises: RuntimeError for a name
+        not planned or written twice; ValueError for a shape other than the planned one."""
+        if name not in self._where or name in self._written:
+            raise RuntimeError(f"upcycle: the weight {name!r} is " + ("written twice." if name in self._written
+                               else "not in the MoE model (a mapping bug)."))
+        shape, dtype = self.specs[name]
+        if tuple(tensor.shape) != tuple(shape):
+            raise ValueError(f"{name}: shape {tuple(tensor.shape)}, the MoE model's config asks for {tuple(shape)}")
+        f, offset = self._where[name]
+        data = tensor.detach().to(device="cpu", dtype=dtype).contiguous()
+        f.seek(offset)
+        f.write(data.reshape(-1).view(torch.uint8).numpy().data)
+        self._written.add(name)
+
+    def close(self) -> None:
+        """Close the files and write the index (sharded only). Raises: RuntimeError if a tensor was not written."""
+        for f in self._files:
+            f.close()
+        missing = [name for name in self.specs if name not in self._written]
+        if missing:
+            raise RuntimeError(f"upcycle: {len(missing)} weight(s) were not written ({missing[:5]}): a mapping bug.")
+        if self.split.is_sharded:
+            index = {"metadata": {"total_parameters": self.total_parameters, **self.split.metadata},
+                     "weight_map": self.split.tensor_to_filename}
+            (self.folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True)
+                                                                      + "\n")
+
+    def __enter__(self) -> SafetensorsShardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.close()
+        else:
+            for f in self._files:
+                f.close()
+
+
+def weight_specs(model: MmoeForCausalLM, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """{name: (shape, dtype)} of what `model.to(dtype).save_pretrained` writes: the state dict in its order,
+    tied weights left out (transformers' rule), floating tensors in `dtype`. `model` may be on the meta device."""
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    state = remove_tied_weights_from_state_dict(model.state_dict(), model)
+    return {name: (tuple(t.shape), dtype if t.is_floating_point() else t.dtype) for name, t in state.items()}
+
+
+def write_config_files(model: MmoeForCausalLM, folder: Path, dtype: torch.dtype) -> None:
+    """config.json and generation_config.json as `write_model` (`mmoe-ds export`) writes them for the model
+    cast to `dtype`: the auto_map to the shipped code, `dtype` and `architectures` as `save_pretrained` sets."""
+    from transformers import GenerationConfig
+
+    from .remote_code import AUTO_MAP
+
+    c = model.config
+    c.auto_map, c.dtype, c.architectures = dict(AUTO_MAP), str(dtype).split(".")[1], [type(model).__name__]
+    c.save_pretrained(folder)
+    GenerationConfig(bos_token_id=c.bos_token_id, eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
+                     max_length=c.max_position_embeddings, do_sample=False).save_pretrained(folder)
 
 
 def upcycle(lm: str | os.PathLike, out: str | os.PathLike, options: UpcycleOptions,
             vision: str | os.PathLike | None = None) -> UpcycleResult:
-    """Build the MoE model from the dense LM (and the vision model) and write it to `out`.
+    """Build the MoE model from the dense LM (and the vision model) and write it to `out`, one tensor at a time.
+
+    The MoE model is built on the meta device (names, shapes, no memory); each of its tensors is made from
+    its source (an LM tensor read from the LM's files, the LM's FFN copied into each expert with the same
+    noise draws as before, a vision-tower tensor, a fresh router, projector or patch embedding) and written
+    straight to its place in the safetensors shards, so memory holds a few tensors, never the model
+    (`--max-shard-size` only decides the files).
 
     Args:
         lm: local folder of a LlamaForCausalLM / Qwen2ForCausalLM / MistralForCausalLM with its tokenizer.
@@ -322,6 +624,37 @@ def upcycle(lm: str | os.PathLike, out: str | os.PathLike, options: UpcycleOptio
     Raises:
         UpcycleError: bad input, with the fix in the message (nothing is written then).
     """
+    lm_config, arch, config, prepared, processor = prepare_upcycle(lm, options, vision)
+    with torch.device("meta"):
+        model = MmoeForCausalLM(config)
+    lm_state = LazyTensors(lm, "--lm", prefix="model.")
+    dtype = DTYPES[options.dtype]
+
+    def write_weights(folder: Path) -> None:
+        tensors = [iter_mapped_weights(lm_state, config, prepared, options), router_weights(model, options),
+                   fresh_weights(model, options)]
+        if vision is not None:
+            tensors.append(vision_weights(model, vision))
+        with SafetensorsShardWriter(folder, weight_specs(model, dtype), options.max_shard_size,
+                                    model.num_parameters()) as writer:
+            for name, tensor in (pair for group in tensors for pair in group):
+                try:
+                    writer.write(name, tensor)
+                except ValueError as e:
+                    raise UpcycleError(f"--lm {lm}: {e}; the weights do not fit the model's config.json.") from None
+                del tensor
+        write_config_files(model, folder, dtype)
+
+    write_upcycled(out, write_weights, config, processor, prepared.image_token_id, lm, arch, options, vision)
+    moe_layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+    return UpcycleResult(Path(out), config, arch, prepared.image_token_id, moe_layers, config.vocab_size,
+                         lm_config.vocab_size)
+
+
+def prepare_upcycle(lm: str | os.PathLike, options: UpcycleOptions, vision: str | os.PathLike | None):
+    """Validate the options and read the LM's config and tokenizer (and the vision model's config).
+    Returns: (the LM's transformers config, its architecture, the MoE config, the prepared tokenizer,
+    the processor). Raises: UpcycleError for bad input."""
     if options.router_init not in ("zero", "normal"):
         raise UpcycleError(f"--router-init: 'zero' or 'normal', got {options.router_init!r}.")
     if options.noise < 0:
@@ -340,29 +673,7 @@ def upcycle(lm: str | os.PathLike, out: str | os.PathLike, options: UpcycleOptio
             raise UpcycleError(str(e)) from None
     prepared = prepare_tokenizer(lm, lm_config.vocab_size, options.resize)
     config = build_config(lm_config, arch, prepared, options, vision_config)
-    processor = build_processor(prepared, config, vision)
-    dense = load_dense_lm(lm)
-    state = map_weights(dense.state_dict(), config, prepared, options)
-    del dense
-    model = MmoeForCausalLM(config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    not_from_lm = [k for k in missing if not _initialised_here(k, config)]
-    if unexpected or not_from_lm:  # a mapping bug, never bad input
-        raise RuntimeError(f"upcycle: weights {unexpected[:5]} do not exist in the MoE model; {not_from_lm[:5]} "
-                           "were not mapped from the LM.")
-    init_routers(model, options)
-    if vision is not None:
-        from ..model.vision import load_tower_weights
-
-        try:
-            load_tower_weights(model.model.vision, vision)
-        except ValueError as e:
-            raise UpcycleError(str(e)) from None
-    model = model.to(DTYPES[options.dtype]).eval()
-    write_upcycled(model, out, processor, prepared.image_token_id, lm, arch, options, vision)
-    moe_layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
-    return UpcycleResult(Path(out), config, arch, prepared.image_token_id, moe_layers, config.vocab_size,
-                         lm_config.vocab_size)
+    return lm_config, arch, config, prepared, build_processor(prepared, config, vision)
 
 
 def build_processor(prepared: PreparedTokenizer, config: MmoeConfig, vision: str | os.PathLike | None):
@@ -377,19 +688,19 @@ def build_processor(prepared: PreparedTokenizer, config: MmoeConfig, vision: str
         raise UpcycleError(str(e)) from None
 
 
-def write_upcycled(model: MmoeForCausalLM, out: str | os.PathLike, processor, image_token_id: int, lm, arch: str,
-                   options: UpcycleOptions, vision) -> None:
-    """The `mmoe-ds export` layout: weights, config (auto_map), generation config, remote code,
+def write_upcycled(out: str | os.PathLike, write_weights, config: MmoeConfig, processor, image_token_id: int, lm,
+                   arch: str, options: UpcycleOptions, vision) -> None:
+    """The `mmoe-ds export` layout: weights and config (`write_weights(folder)`), remote code,
     tokenizer / processor, card; staged in a temp folder and swapped in whole."""
-    from . import add_processor_auto_map, write_code, write_model
+    from . import add_processor_auto_map, write_code
     from .card import model_card
 
     with staged_directory(out, normalize_modes=True) as tmp:
-        write_model(model, tmp)
+        write_weights(tmp)
         processor.save_pretrained(tmp)
         write_code(tmp, with_processor=add_processor_auto_map(tmp))
-        card = str(model_card({}, model.config, None, model_name="mmoe-ds upcycled multimodal MoE"))
-        moe_layers = [i for i in range(model.config.num_hidden_layers) if model.config.is_moe_layer(i)]
+        card = str(model_card({}, config, None, model_name="mmoe-ds upcycled multimodal MoE"))
+        moe_layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
         card += "\n".join(["", "## Upcycling", "",
                            f"Sparse-upcycled from the dense {arch} `{Path(lm).name}`"
                            + (f" with the vision model `{Path(vision).name}`" if vision else "") + ": "
@@ -407,7 +718,15 @@ def _int_list(text: str) -> list[int]:
             from None
 
 
+def _shard_size(text: str) -> int:
+    try:
+        return parse_shard_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The `mmoe-ds upcycle` flags (argparse exits with status 2 on a malformed one)."""
     p = argparse.ArgumentParser(prog="mmoe-ds upcycle", description=__doc__.splitlines()[0])
     p.add_argument("--lm", required=True, help="local folder of a dense LlamaForCausalLM / Qwen2ForCausalLM / "
                                                "MistralForCausalLM with its tokenizer")
@@ -433,6 +752,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-resize", dest="resize", action="store_false",
                    help="never grow the embedding: fail if the tokenizer leaves no free row for <image>")
     p.add_argument("--seed", type=int, default=0, help="seed of the expert noise and a normal router init")
+    p.add_argument("--max-shard-size", type=_shard_size, default=DEFAULT_MAX_SHARD_SIZE,
+                   help="split the weights into safetensors shards of at most this size, with "
+                        "model.safetensors.index.json (e.g. 2GB, 500MB; default %(default)s); memory does not "
+                        "depend on it (the tensors are written one at a time)")
     p.add_argument("--out", required=True, help="folder to write the MoE model to")
     return p.parse_args(argv)
 
@@ -445,7 +768,7 @@ def main(argv: list[str]) -> int:
         moe_layers=args.moe_layers, noise=args.noise, router_init=args.router_init, router_mode=args.router_mode,
         router=args.router, capacity_factor=args.capacity_factor, projector=args.projector,
         vision_max_tokens=args.vision_max_tokens, freeze_vision=args.freeze_vision, dtype=args.dtype,
-        resize=args.resize, seed=args.seed)
+        resize=args.resize, seed=args.seed, max_shard_size=args.max_shard_size)
     try:
         result = upcycle(args.lm, args.out, options, args.vision)
     except UpcycleError as e:
