@@ -1,4 +1,5 @@
-# Two entry points (see README): `make demo` and `make test`. Each installs what it needs.
+# Entry points (see README): `make demo`, `make test` (the unit tier, minutes), `make test-all` (every test: CI),
+# `make lint`. Each installs what it needs.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # CPU machines: this pin takes the local CPU wheel. On a GPU machine keep your CUDA torch:
@@ -6,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test install system-data
+.PHONY: demo test test-integration test-all lint install system-data
 
 install: $(STAMP)
 
@@ -30,5 +31,20 @@ system-data:
 demo: $(STAMP) system-data
 	bash launch/demo.sh
 
+# The tiers (tests/tiers.py): `unit` starts no process and trains for seconds at most; `integration` starts
+# launchers, CLIs and workers, or trains for minutes. Unit tests run on TEST_WORKERS pytest-xdist processes,
+# each test file on one of them (its module fixtures are built once); integration tests run one at a time,
+# as each already starts 2-4 processes.
+TEST_WORKERS ?= 2
+PYTEST := OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -rs
+
 test: $(STAMP) system-data
-	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q -rs
+	$(PYTEST) -m unit -n $(TEST_WORKERS) --dist loadfile
+
+test-integration: $(STAMP) system-data
+	$(PYTEST) -m integration
+
+test-all: test test-integration
+
+lint: $(STAMP)
+	$(PY) -m ruff check .

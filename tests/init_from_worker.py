@@ -1,4 +1,4 @@
-"""Run by tests/test_init_from.py on 2 processes: the real trainer (`Trainer.setup` + `train`) with
+"""Run by tests/test_init_from.py on 2 processes: the real trainer (`build_trainer` + `train`) with
 the recipe's train.init_from / freeze / reinit, recording what the test cannot see from outside.
 
 Arguments: those of mmoe_ds.train plus `--out PREFIX` and optionally `--kill-at-step N`: rank 1
@@ -25,7 +25,7 @@ from mmoe_ds.training.evaluate import Evaluator
 from mmoe_ds.training.init_from import global_names
 from mmoe_ds.training.main import parse_args
 from mmoe_ds.training.teardown import exit_process
-from mmoe_ds.training.trainer import Trainer
+from mmoe_ds.training.trainer import build_trainer
 
 
 def optimizer_params(engine) -> list:
@@ -43,7 +43,7 @@ class KillingEvaluator(Evaluator):
     kill_at: int | None = None
 
     def prepare(self, step: int) -> None:
-        if step == self.kill_at and self.trainer.rank == 1:
+        if step == self.kill_at and self.rank == 1:
             os.kill(os.getpid(), signal.SIGKILL)
         super().prepare(step)
 
@@ -67,8 +67,7 @@ def main() -> int:
     out = take_option(argv, "--out")
     kill_at = take_option(argv, "--kill-at-step")
     recipe, ds_config, world_size, _ = load_and_validate(parse_args(argv))
-    trainer = Trainer(recipe, ds_config, world_size)
-    trainer.setup()
+    trainer = build_trainer(recipe, ds_config, world_size, evaluator_factory=KillingEvaluator)
     config, ep = trainer.model_config, recipe.train.expert_parallel_size
     ep_rank = trainer.rank % ep
     named = global_names(trainer.engine.module, ep_rank, config.num_local_experts // ep)
@@ -77,9 +76,8 @@ def main() -> int:
     result = {"ep_rank": ep_rank, "resumed_from": trainer.start_step,
               "frozen": sorted(n for n, p in named.items() if not p.requires_grad),
               "in_optimizer": sorted(n for n, p in named.items() if id(p) in held)}
-    evaluator = KillingEvaluator(trainer, trainer.eval_plan)
-    evaluator.kill_at = int(kill_at) if kill_at else None
-    trainer.train(evaluator=evaluator)
+    trainer.evaluator.kill_at = int(kill_at) if kill_at else None
+    trainer.train()
     torch.save(snapshot(named), f"{out}.rank{trainer.rank}.after.pt")
     with open(f"{out}.rank{trainer.rank}.json", "w") as f:
         json.dump(result, f)

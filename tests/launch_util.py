@@ -21,8 +21,6 @@ REPO = Path(__file__).resolve().parents[1]
 free_port = launch_env.free_port  # re-exported: the tests import it from here
 
 
-
-
 @dataclass(frozen=True)
 class LaunchResult:
     """One run of the deepspeed launcher.
@@ -94,7 +92,8 @@ def run_process(cmd: list[str], env: dict[str, str], timeout: int) -> LaunchResu
     return LaunchResult(cmd, proc.returncode, output, time.monotonic() - start)
 
 
-def deepspeed_launch(script_args: list[str], num_procs: int = 2, timeout: int = 600, module: bool = False) -> LaunchResult:
+def deepspeed_launch(script_args: list[str], num_procs: int = 2, timeout: int = 600,
+                     module: bool = False) -> LaunchResult:
     """`launch`, raising AssertionError with the launcher's and workers' output if it failed."""
     result = launch(script_args, num_procs, timeout, module)
     if not result.ok:

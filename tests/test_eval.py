@@ -163,16 +163,14 @@ class FixedSkipsLoader:
 
 def test_skip_counts_merge_the_ranks_records_in_a_fixed_order():
     from mmoe_ds.data.schema import SKIP_REASONS
-    from mmoe_ds.training.trainer import Trainer
+    from mmoe_ds.training.trainer import skip_counts
 
-    trainer = Trainer.__new__(Trainer)  # only the collective helpers are used: no DeepSpeed setup
-    trainer.world_size = 2
     # The other rank met 3 bad images and the damaged shard b.tar; this rank met 2 empty captions,
     # 4 bad images and the same damaged shard (sample-level slots: both ranks read every shard).
-    trainer.dist = OtherRankDist({"bad_image": ["a.tar#k1", "a.tar#k2", "a.tar#k3"], "corrupt_tar": ["b.tar"]})
-    trainer.loader = FixedSkipsLoader({"empty_caption": ["a.tar#e1", "a.tar#e2"], "corrupt_tar": ["b.tar"],
-                                       "bad_image": ["a.tar#k4", "a.tar#k5", "a.tar#k6", "a.tar#k7"]})
-    totals = trainer.skip_counts()
+    dist = OtherRankDist({"bad_image": ["a.tar#k1", "a.tar#k2", "a.tar#k3"], "corrupt_tar": ["b.tar"]})
+    loader = FixedSkipsLoader({"empty_caption": ["a.tar#e1", "a.tar#e2"], "corrupt_tar": ["b.tar"],
+                               "bad_image": ["a.tar#k4", "a.tar#k5", "a.tar#k6", "a.tar#k7"]})
+    totals = skip_counts(loader, dist, world_size=2)
     assert list(totals) == list(SKIP_REASONS)
     assert {k: v for k, v in totals.items() if v} == {"bad_image": 7, "corrupt_tar": 1, "empty_caption": 2}
 
@@ -204,13 +202,10 @@ def word_processor(bos: bool):
 def test_text_token_count_excludes_label_position_0(bos, expected):
     """`Evaluator._loss_sums` on a real model: the count is the hand count above, and the sum is the
     float64 cross-entropy over exactly those positions."""
-    from types import SimpleNamespace
-
     import torch.nn.functional as F
 
     from mmoe_ds.model import MmoeConfig, MmoeForCausalLM
-    from mmoe_ds.training.evaluate import Evaluator
-    from mmoe_ds.training.trainer import Trainer
+    from mmoe_ds.training.evaluate import Evaluator, model_inputs
 
     processor = word_processor(bos)
     batch = processor.collate([processor.encode(None, text) for text in EVAL_TEXTS])
@@ -220,13 +215,11 @@ def test_text_token_count_excludes_label_position_0(bos, expected):
                                        num_attention_heads=2, intermediate_size=32, moe_intermediate_size=16,
                                        num_local_experts=4, max_position_embeddings=24,
                                        image_token_id=processor.image_token_id, moe_backend="torch")).eval()
-    trainer = SimpleNamespace(engine=model, device=torch.device("cpu"))
-    trainer.to_device = lambda b: Trainer.to_device(trainer, b)
-    evaluator = Evaluator(trainer, plan=None)
+    evaluator = Evaluator(model, processor, DataSection(), plan=None, seed=0)
     evaluator.batches = {"text": [batch]}
     with torch.no_grad():
         total, count = evaluator._loss_sums("text")
-        logits = model(**trainer.to_device(batch)).logits.double()
+        logits = model(**model_inputs(batch, "cpu")).logits.double()
     assert count == expected
     oracle = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
                              ignore_index=-100, reduction="sum")

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from mmoe_ds.experiments import e1_matched as E1
-from mmoe_ds.experiments.runner import Runner, Scale, contrast, holm, paired_t
+from mmoe_ds.experiments.runner import Runner, Scale
+from mmoe_ds.experiments.stats import contrast, holm, paired_t
 
 
 @pytest.fixture(scope="module")
@@ -27,19 +28,18 @@ def runner(small_dataset, tmp_path_factory) -> Runner:
 
 
 def build(recipe_dict: dict):
-    """The step-0 model and the first batches of a run, built as mmoe_ds.training.trainer.Trainer.setup builds them."""
+    """The step-0 model and the first batches of a run, built as mmoe_ds.training.trainer.build_trainer builds them."""
     from mmoe_ds.config.recipe import Recipe
     from mmoe_ds.model import MmoeConfig, MmoeForCausalLM
     from mmoe_ds.training.data_plan import load_processor, make_train_loader
-    from mmoe_ds.training.trainer import Trainer, bind_moe_layers
+    from mmoe_ds.training.trainer import bind_moe_layers, model_kwargs
 
     recipe = Recipe.from_dict(recipe_dict)
-    trainer = Trainer(recipe, {}, 1)
-    trainer.processor = load_processor(recipe.data)
+    processor = load_processor(recipe.data)
     torch.manual_seed(recipe.train.seed)
-    model = MmoeForCausalLM(MmoeConfig(**trainer.model_kwargs(None), moe_backend="torch"))
+    model = MmoeForCausalLM(MmoeConfig(**model_kwargs(recipe, processor, None), moe_backend="torch"))
     bind_moe_layers(model)
-    loader = make_train_loader(recipe.data, trainer.processor, 0, 1, recipe.train.seed)
+    loader = make_train_loader(recipe.data, processor, 0, 1, recipe.train.seed)
     batches = [b for _, b in zip(range(3), loader)]
     return model, batches
 
@@ -105,7 +105,8 @@ def test_contrasts_pair_by_seed():
     c = contrast("x", "m", "a", a, "b", b)
     assert c["diff"]["mean"] == pytest.approx(-0.1125)
     # the same pairs in another order: the same result
-    again = contrast("x", "m", "a", dict(reversed(list(a.items()))), "b", dict(sorted(b.items(), key=lambda kv: -kv[1])))
+    again = contrast("x", "m", "a", dict(reversed(list(a.items()))), "b",
+                     dict(sorted(b.items(), key=lambda kv: -kv[1])))
     assert again["diff"] == c["diff"] and again["seeds"] == [0, 1, 2, 3]
     # the values of one arm moved to other seeds: the pairing changes, and so does the interval
     shuffled = contrast("x", "m", "a", a, "b", {0: b[3], 1: b[2], 2: b[1], 3: b[0]})
@@ -140,7 +141,7 @@ def test_smallest_detectable_difference_follows_the_paired_t_formula():
 
 
 def test_docs_say_cannot_tell_at_chance_and_state_the_primary_target():
-    from mmoe_ds.experiments.docs import verdict
+    from mmoe_ds.experiments.render import verdict
 
     at_chance = contrast("Ranking", "accuracy", "aware", {0: 0.10, 1: 0.12, 2: 0.09}, "agnostic",
                          {0: 0.11, 1: 0.10, 2: 0.10}, chance=0.1)

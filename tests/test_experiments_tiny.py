@@ -1,11 +1,13 @@
 """E1, E2, E3, E5 and E6 end to end at --scale tiny (4 training steps per run, one seed), with the
 real deepspeed launcher: each writes results.json / results.md / its PNGs with the keys the docs
 need; runs are shared between experiments through the content-hash cache, and a finished
-experiment run again trains nothing."""
+experiment run again trains nothing. E1 goes through the command line from a folder that is not the
+checkout (--root names the checkout, --out the experiments folder), as from an installed package."""
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +15,11 @@ import pytest
 
 from mmoe_ds.experiments.__main__ import main as experiments_main
 from mmoe_ds.experiments.__main__ import run_experiment
+from mmoe_ds.experiments.render import render_experiment
 from mmoe_ds.experiments.runner import Scale
 
 PNG = b"\x89PNG\r\n\x1a\n"
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -25,12 +29,22 @@ def out(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def scale() -> Scale:
-    return Scale.load("tiny")
+    return Scale.load("tiny", root=REPO)
 
 
 @pytest.fixture(scope="module")
-def e1(out, scale) -> dict:
-    return run_experiment("e1", [0], scale, out, quiet=True)
+def e1(out, tmp_path_factory) -> dict:
+    elsewhere = tmp_path_factory.mktemp("cwd")  # neither the checkout nor the output folder
+    before = Path.cwd()
+    os.chdir(elsewhere)
+    try:
+        rc = experiments_main(["e1", "--seeds", "0", "--scale", "tiny", "--root", str(REPO), "--out", str(out),
+                               "--quiet"])
+    finally:
+        os.chdir(before)
+    assert rc == 0
+    assert not (elsewhere / "runs").exists() and list(elsewhere.iterdir()) == []
+    return json.loads((out / "e1_matched" / "results.json").read_text())
 
 
 def check_common(results: dict, folder: Path, pngs: list[str]) -> None:
@@ -50,6 +64,7 @@ def check_common(results: dict, folder: Path, pngs: list[str]) -> None:
     for png in pngs:
         assert (folder / png).read_bytes()[:8] == PNG
     md = (folder / "results.md").read_text()
+    assert md == render_experiment(saved)  # rendered from results.json alone
     assert md.startswith(f"## {results['experiment'].upper()}:") and "(1 seed: no interval, no conclusion)" in md
 
 
@@ -71,7 +86,8 @@ def test_e1_trains_every_cell_with_per_layer_targets_measured_from_the_aware_run
 
         expected = {m: [(np.array(layer[m]["routed_per_expert"]) / sum(layer[m]["routed_per_expert"])).tolist()
                         for layer in last_routing(aware)] for m in ("image", "text")}
-        recipe = json.loads((out / e1["runs"][E1.AGNOSTIC_MATCHED.label + suffix]["0"]["dir"] / "recipe.json").read_text())
+        matched_dir = out / e1["runs"][E1.AGNOSTIC_MATCHED.label + suffix]["0"]["dir"]
+        recipe = json.loads((matched_dir / "recipe.json").read_text())
         target = recipe["model"]["router"]["matched_utilization_target"]
         for m in ("image", "text"):  # the target is the aware run's routing, layer by layer
             assert len(target[m]) == len(expected[m])
@@ -128,9 +144,12 @@ def test_e6_flips_the_batch_mix(e1, out, scale):
 def test_e3_analyzes_every_router_design(e1, out, scale):
     r = run_experiment("e3", [0], scale, out, quiet=True)
     check_common(r, out / "e3_function", ["e3_cka.png", "e3_probe.png"])
-    designs = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "recipes/modes").glob("*.json"))
+    designs = sorted(p.stem for p in (REPO / "recipes/modes").glob("*.json"))
     assert r["designs"] == designs and [row["label"] for row in r["tables"][0]["rows"]] == designs
     assert r["runs_launched"] == len(designs) - 2  # agnostic and modality_bias are E1's runs
+    # the CKA figure's matrices are in results.json: one E x E matrix per design and MoE layer
+    assert sorted(r["cka"]["all"]) == designs and r["cka"]["seed"] == 0
+    assert all(len(per_layer) == len(r["layers"]) for per_layer in r["cka"]["all"].values())
     for row in r["tables"][0]["rows"]:
         assert 0 <= row["cells"]["probe_acc"]["mean"] <= 1
 
@@ -157,6 +176,7 @@ def test_cli_refuses_bad_seeds_in_one_line(capsys):
 
 def test_docs_open_with_what_e1_shows_and_rewrite_the_readme_block(e1, out, tmp_path):
     from mmoe_ds.experiments import docs
+    from mmoe_ds.experiments.render import fmt_summary
 
     readme = tmp_path / "README.md"
     readme.write_text(f"# x\n\nintro\n{docs.README_START}\nold text\n{docs.README_END}\nafter\n")
@@ -170,7 +190,7 @@ def test_docs_open_with_what_e1_shows_and_rewrite_the_readme_block(e1, out, tmp_
     assert "old text" not in block and "\n".join(lines) in block
     assert "Does the aware router specialize?" in lines[1]
     key = e1["key"]
-    assert docs.fmt_summary(key["aware_tv"]) in lines[1] and docs.fmt_summary(key["aware_pmb_tv"]) in lines[1]
+    assert fmt_summary(key["aware_tv"]) in lines[1] and fmt_summary(key["aware_pmb_tv"]) in lines[1]
     # regenerating from the same results gives the same bytes
     first = text
     assert docs.write_document(out, tmp_path / "docs" / "experiments.md", readme).read_text() == first

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from mmoe_ds.errors import ExperimentError
 from mmoe_ds.experiments import docs
 from mmoe_ds.experiments.e1_matched import derive_matched_target
 from mmoe_ds.experiments.e3_function import expand_router
 from mmoe_ds.experiments.e5_transfer import js_bits
 from mmoe_ds.experiments.e6_audit import mixes
-from mmoe_ds.experiments.runner import contrast, deep_merge, summarize
+from mmoe_ds.experiments.runner import deep_merge
+from mmoe_ds.experiments.stats import contrast, summarize
 
 
 # -- target derivation ---------------------------------------------------------------------------
@@ -71,7 +75,8 @@ def test_e3_carries_a_four_expert_design_to_sixteen_experts():
     router = {"pools": {"image": [0, 1, 2], "text": [1, 2, 3]}}
     assert expand_router(router, 8)["pools"] == {"image": [0, 1, 2, 3, 4, 5], "text": [2, 3, 4, 5, 6, 7]}
     target = {"matched_utilization_target": {"image": [0.4, 0.4, 0.1, 0.1], "text": [0.1, 0.1, 0.4, 0.4]}}
-    assert expand_router(target, 8)["matched_utilization_target"]["image"] == [0.2, 0.2, 0.2, 0.2, 0.05, 0.05, 0.05, 0.05]
+    expanded = expand_router(target, 8)["matched_utilization_target"]["image"]
+    assert expanded == [0.2, 0.2, 0.2, 0.2, 0.05, 0.05, 0.05, 0.05]
     assert expand_router(router, 4) == {}
     assert expand_router({"mode": "agnostic"}, 16) == {}
 
@@ -95,7 +100,8 @@ def test_summarize_gives_a_t_interval_and_none_for_one_seed():
 # -- docs generator ------------------------------------------------------------------------------
 def fabricated(values_a, values_b, acc_values) -> dict:
     """A results.json as an experiment writes it, with numbers chosen by the test."""
-    return {"experiment": "e1", "name": "e1_matched", "title": "fabricated", "command": "python -m mmoe_ds.experiments e1",
+    return {"experiment": "e1", "name": "e1_matched", "title": "fabricated",
+            "command": "python -m mmoe_ds.experiments e1",
             "scale": {"name": "cpu", "description": "Test scale.", "steps": 123}, "seeds": [0, 1, 2], "seconds": 60.0,
             "runs_launched": 5, "runs_reused": 7, "run_minutes": 42.25,
             "tables": [{"title": "T", "row_header": "cell", "columns": [["acc", "accuracy"]],
@@ -161,11 +167,75 @@ def test_retention_is_a_ratio_only_when_there_is_something_to_retain():
 
 
 def test_committed_docs_and_readme_block_regenerate_from_the_committed_results():
-    from pathlib import Path
-
     repo = Path(__file__).resolve().parents[1]
     out, doc = repo / "runs" / "experiments", repo / "docs" / "experiments.md"
     assert docs.render_document(out, doc) == doc.read_text(), "rerun: python -m mmoe_ds.experiments docs"
     readme = (repo / "README.md").read_text()
     block = readme.split(docs.README_START, 1)[1].split(docs.README_END, 1)[0]
     assert "\n".join(docs.summary_lines(docs.load_results(out))) in block, "rerun: python -m mmoe_ds.experiments docs"
+
+
+# -- rendering from results.json alone, and the command line's root ------------------------------
+REPO = Path(__file__).resolve().parents[1]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("folder", ["e1_matched", "e2_convergence", "e5_transfer", "e6_audit"])
+def test_results_md_and_figures_render_from_the_committed_results_json_alone(folder, tmp_path):
+    from mmoe_ds.experiments.render import render_folder
+
+    committed = REPO / "runs" / "experiments" / folder
+    (tmp_path / "results.json").write_bytes((committed / "results.json").read_bytes())
+    results = render_folder(tmp_path)
+    assert (tmp_path / "results.md").read_text() == (committed / "results.md").read_text()
+    for plot in results["plots"]:
+        png = (tmp_path / plot["file"]).read_bytes()
+        assert png[:8] == PNG and len(png) > 10_000, plot["file"]
+
+
+def test_the_command_line_finds_recipes_under_root_and_says_so_in_one_line_when_they_are_missing(tmp_path, capsys):
+    from mmoe_ds.experiments.__main__ import main, parse_args
+
+    args = parse_args(["docs", "--root", str(tmp_path)])
+    assert args.out == tmp_path / "runs" / "experiments" and args.doc == tmp_path / "docs" / "experiments.md"
+    assert args.readme == tmp_path / "README.md"
+    assert parse_args(["e1", "--root", str(tmp_path), "--out", "elsewhere"]).out == Path("elsewhere")
+
+    assert main(["e1", "--scale", "tiny", "--root", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert f"--root {tmp_path.resolve()}: no recipes/modes/ and no recipes/experiments/ there" in err
+    assert not (tmp_path / "out").exists()
+
+    assert main(["docs", "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no such folder, so no results to document" in err
+    assert not (tmp_path / "docs").exists()
+
+
+def test_a_scale_reads_its_recipes_from_its_root_whatever_the_working_directory(tmp_path, monkeypatch):
+    from mmoe_ds.experiments.e1_matched import AWARE, matched_coef, spec
+    from mmoe_ds.experiments.runner import Runner, Scale
+
+    monkeypatch.chdir(tmp_path)  # no recipes/ here
+    scale = Scale.load("tiny", root=REPO)
+    assert scale.root == REPO.resolve() and scale.steps == 4
+    runner = Runner(tmp_path / "out", scale, log=False)
+    assert runner.modes() == sorted(p.stem for p in (REPO / "recipes" / "modes").glob("*.json"))
+    assert matched_coef(runner) == 0.2
+    assert runner.base_recipe(spec(AWARE, 0).base)["model"]["router"]["mode"] == "modality_bias"
+    with pytest.raises(ExperimentError, match="no such routing recipe; choose one of"):
+        runner.base_recipe("recipes/modes/nope.json")
+    env = runner.env()
+    import mmoe_ds
+
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(Path(mmoe_ds.__file__).resolve().parent.parent)
+
+
+def test_e3_results_written_before_the_cka_key_say_how_to_redraw_their_figures(tmp_path):
+    from mmoe_ds.experiments.render import render_folder
+
+    committed = json.loads((REPO / "runs" / "experiments" / "e3_function" / "results.json").read_text())
+    (tmp_path / "results.json").write_text(json.dumps({k: v for k, v in committed.items() if k != "cka"}))
+    with pytest.raises(ExperimentError, match="no CKA matrices .*rerun: python -m mmoe_ds.experiments e3"):
+        render_folder(tmp_path)

@@ -66,7 +66,8 @@ def test_deepspeed_engine_steps_lower_the_loss(ep_results):
 @pytest.fixture(scope="module")
 def empty_rank_launch(tmp_path_factory):
     out = tmp_path_factory.mktemp("ep_empty") / "result"
-    return SharedLaunch(launch(["tests/ep_empty_worker.py", "--out", str(out)]), "test_empty_rank_launch_exits_cleanly"), out
+    result = launch(["tests/ep_empty_worker.py", "--out", str(out)])
+    return SharedLaunch(result, "test_empty_rank_launch_exits_cleanly"), out
 
 
 @pytest.fixture(scope="module")

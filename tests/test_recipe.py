@@ -43,7 +43,7 @@ def check(recipe_path, ds_path, world_size=2):
 
 @pytest.mark.parametrize("recipe_changes,ds_changes,world,words", [
     ({"model__num_local_experts": 5}, {}, 2, ["expert_parallel_size=2", "num_local_experts=5"]),
-    ({"train__expert_parallel_size": 4, "model__num_local_experts": 8}, {}, 2, ["expert_parallel_size=4", "world size 2"]),
+    ({"train__expert_parallel_size": 4, "model__num_local_experts": 8}, {}, 2, ["expert_parallel_size=4", "world size 2"]),  # noqa: E501
     ({}, {"zero_optimization": {"stage": 3}}, 2, ["ds.json", "stage=3", "stage 0, 1 or 2"]),
     ({}, {"train_micro_batch_size_per_gpu": 16}, 2, ["train_micro_batch_size_per_gpu=16", "composition", "8"]),
     ({}, {"train_batch_size": 20}, 2, ["train_batch_size=20", "gradient_accumulation_steps"]),
@@ -88,8 +88,8 @@ def test_every_shipped_recipe_and_ds_config_is_valid():
 
 def test_check_cli_fails_before_any_worker(tmp_path):
     bad = _ds(tmp_path, zero_optimization={"stage": 3})
-    proc = subprocess.run([sys.executable, "-m", "mmoe_ds.train", "--check", "--recipe", str(REPO / "recipes/demo_cpu.json"),
-                           "--deepspeed_config", str(bad), "--world_size", "2"], capture_output=True, text=True, cwd=REPO)
+    proc = subprocess.run([sys.executable, "-m", "mmoe_ds.train", "--check", "--recipe", str(REPO / "recipes/demo_cpu.json"),  # noqa: E501
+                           "--deepspeed_config", str(bad), "--world_size", "2"], capture_output=True, text=True, cwd=REPO)  # noqa: E501
     assert proc.returncode == 2 and "zero_optimization.stage=3" in proc.stderr
     # the check itself never imports DeepSpeed
     probe = subprocess.run([sys.executable, "-c", "import sys, mmoe_ds.train as t; "

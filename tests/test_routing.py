@@ -98,7 +98,7 @@ def test_agnostic_matches_deepspeed_topk_gate(k, policy, capacity):
             assert torch.equal(r.slot[kept], locations.long()[kept]), where
         else:  # same slots used in every expert, numbered in another order
             for e in range(E):
-                assert sorted(r.slot[r.expert_index == e].tolist()) == sorted(locations.long()[indices == e].tolist()), where
+                assert sorted(r.slot[r.expert_index == e].tolist()) == sorted(locations.long()[indices == e].tolist()), where  # noqa: E501
     if capacity == 0.25:
         assert int(r.stats.dropped.sum()) > 0, "the low capacity factor should exercise dropping"
 
@@ -231,7 +231,7 @@ def test_shared_capacity_bounds_each_expert():
 
 
 def test_dropless_keeps_every_route():
-    r = _router(2, num_experts=4, top_k={"image": 2, "text": 1}, drop_tokens=False, capacity_factor={"image": 0.1, "text": 0.1})
+    r = _router(2, num_experts=4, top_k={"image": 2, "text": 1}, drop_tokens=False, capacity_factor={"image": 0.1, "text": 0.1})  # noqa: E501
     x, m = torch.randn(64, D) * 4, torch.randint(0, 2, (64,))
     routing = r.route(x, m)
     assert int(routing.stats.dropped.sum()) == 0
@@ -239,7 +239,7 @@ def test_dropless_keeps_every_route():
 
 
 def test_eval_uses_eval_capacity_factor_and_no_jitter():
-    r = _router(4, num_experts=4, top_k=1, capacity_factor=0.5, eval_capacity_factor=4.0, jitter_eps=0.1, min_capacity=0)
+    r = _router(4, num_experts=4, top_k=1, capacity_factor=0.5, eval_capacity_factor=4.0, jitter_eps=0.1, min_capacity=0)  # noqa: E501
     x, m = torch.randn(64, D), torch.randint(0, 2, (64,))
     assert r.route(x, m).capacity == 8
     r.eval()

@@ -34,7 +34,7 @@ def _identity_router(cfg: RouterConfig) -> ModalityRouter:
 def _finite_grads(module: torch.nn.Module, x: torch.Tensor) -> list[str]:
     """Names of x and parameters whose gradient holds a NaN or inf."""
     bad = [] if x.grad is None or bool(torch.isfinite(x.grad).all()) else ["x"]
-    return bad + [n for n, p in module.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
+    return bad + [n for n, p in module.named_parameters() if p.grad is not None and not bool(torch.isfinite(p.grad).all())]  # noqa: E501
 
 
 # -- issue 11 item 2: entropy losses and exact zero probabilities --------------------------------
@@ -141,7 +141,7 @@ def edge_configs(draw, mode: str):
     kwargs = dict(num_experts=E, mode=mode, pools=pools, top_k=top_k, capacity_factor=cf, eval_capacity_factor=cf,
                   min_capacity=draw(st.integers(0, 3)), drop_tokens=capacity != "dropless",
                   drop_policy=draw(st.sampled_from(["probs", "position", "random"])))
-    batch = dict(S=draw(st.sampled_from([1, 2, 3, 9, 40])), modalities=draw(st.sampled_from(["image", "text", "mixed"])),
+    batch = dict(S=draw(st.sampled_from([1, 2, 3, 9, 40])), modalities=draw(st.sampled_from(["image", "text", "mixed"])),  # noqa: E501
                  scale=draw(st.sampled_from([0.01, 1.0, 10.0, 50.0, 200.0])), seed=draw(st.integers(0, 2**16)),
                  training=draw(st.booleans()))
     return kwargs, batch

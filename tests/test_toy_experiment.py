@@ -28,8 +28,8 @@ from mmoe_ds.experiments.toy import (
     sample_tokens,
     teacher_targets,
     teachers,
-    write_results,
 )
+from mmoe_ds.experiments.toy_render import write_results
 
 NO_SWEEP = dict(separation_dims=())
 
@@ -248,3 +248,17 @@ def test_the_numbers_docs_theory_quotes_are_the_functions_values():
     quoted = {2: "0.589 at d = 2", 8: "0.944 at d = 8", 16: "0.995 at d = 16", 32: "1.000 at d = 32"}
     for d, phrase in quoted.items():  # Monte-Carlo values (standard error < 0.002): compare within 0.002
         assert phrase in text and modality_tv("covariance", d) == pytest.approx(float(phrase.split()[0]), abs=0.002)
+
+
+def test_results_md_and_figures_render_from_the_committed_results_json_alone(tmp_path):
+    from pathlib import Path
+
+    from mmoe_ds.experiments.toy_render import FIGURE, SEPARATION_FIGURE
+
+    committed = Path(__file__).resolve().parents[1] / "runs" / "experiments" / "e4_toy"
+    results = json.loads((committed / "results.json").read_text())
+    write_results(results, tmp_path)
+    assert (tmp_path / "results.md").read_text() == (committed / "results.md").read_text()
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+    for name in (FIGURE, SEPARATION_FIGURE):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

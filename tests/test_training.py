@@ -18,7 +18,8 @@ from launch_util import REPO, deepspeed_launch, free_port
 DS_CONFIG = str(REPO / "ds_configs/cpu_zero1_fp32.json")
 
 
-def write_recipe(path: Path, data_dir: Path, out: Path, ep: int = 2, steps: int = 30, checkpoint_every: int = 10) -> Path:
+def write_recipe(path: Path, data_dir: Path, out: Path, ep: int = 2, steps: int = 30,
+                 checkpoint_every: int = 10) -> Path:
     recipe = {
         "data": {"dir": str(data_dir), "composition": {"image_text": 6, "text": 1, "image": 1}, "max_length": 48,
                  "eval_batches": 2, "ranking_images": 20, "retrieval_candidates": 12},

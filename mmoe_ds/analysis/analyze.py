@@ -99,14 +99,14 @@ def load_model(src: Source):
 
 def check_probe_data(data_dir: str | os.PathLike) -> int:
     """The number of image+caption samples in the data's test split; AnalysisInputError if there are none."""
-    from ..training.data_plan import read_manifest, sample_counts
+    from ..data.manifest import has_manifest, read_manifest, sample_counts
 
     data_dir = Path(data_dir)
-    if not (data_dir / "manifest.json").is_file():
+    if not has_manifest(data_dir):
         raise AnalysisInputError(f"{data_dir}: not a prepared dataset (no manifest.json); run `mmoe-ds prepare --out "
                                  f"{data_dir}` or pass --data with one.")
     try:
-        n = sample_counts(read_manifest(str(data_dir)))[("test", "image_text")]
+        n = sample_counts(read_manifest(data_dir))[("test", "image_text")]
     except (ValueError, KeyError, TypeError) as e:
         raise AnalysisInputError(f"{data_dir}/manifest.json is unreadable ({type(e).__name__}: {e}); prepare the "
                                  "dataset again.") from None

@@ -24,6 +24,7 @@ def default_out(source: Path) -> Path:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The arguments of `mmoe-ds analyze`."""
     d = AlarmThresholds()
     p = argparse.ArgumentParser(prog="mmoe-ds analyze", description=__doc__.splitlines()[0])
     p.add_argument("source", help="a run's output dir, a checkpoint dir, or an export dir")

@@ -12,9 +12,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ..data.loader import LOADER_LIMITS, composition_problem, limit_problem
 from ..errors import ConfigError
+from ..moe.config import MODALITIES
 
-SAMPLE_KINDS = ("image_text", "text", "image")
 # What evaluation can measure; `data.eval_metrics: "auto"` measures whatever the prepared data serves.
 EVAL_METRICS = ("caption_loss", "text_ppl", "retrieval", "class_rank")
 # Recipe `model` fields that may change a model started from `train.init_from`: no weight depends on them.
@@ -35,8 +36,8 @@ class DataSection:
     eval_metrics: Any = "auto"  # "auto" (what the data serves) or a list from EVAL_METRICS the data must serve
     prepare_if_missing: bool = True  # build the embedded dataset when data.dir is the default and missing
     # Loader caps, passed through to LoaderConfig (when the loader has them).
-    max_caption_bytes: int = 65536
-    max_image_pixels: int = 16_777_216
+    max_caption_bytes: int = LOADER_LIMITS["max_caption_bytes"]
+    max_image_pixels: int = LOADER_LIMITS["max_image_pixels"]
     verify_sha256: bool = False
 
 
@@ -105,19 +106,21 @@ class Recipe:
 
     def validate(self) -> None:
         p, d, t = self.path, self.data, self.train
-        bad = sorted(set(d.composition) - set(SAMPLE_KINDS))
-        if bad or not d.composition or any(int(v) < 0 for v in d.composition.values()) or sum(d.composition.values()) < 1:
-            raise ConfigError(f"{p}: data.composition must map {list(SAMPLE_KINDS)} to non-negative sample counts "
-                              f"with at least one sample (got {d.composition}).")
+        problem = composition_problem(d.composition)
+        if problem:
+            raise ConfigError(f"{p}: data.composition {problem} (samples per batch; got {d.composition}).")
         if d.retrieval_candidates != 0 and d.retrieval_candidates < 2:
             raise ConfigError(f"{p}: data.retrieval_candidates must be 0 (off) or >= 2 (got {d.retrieval_candidates}).")
         if d.eval_metrics != "auto" and (not isinstance(d.eval_metrics, list)
                                          or not set(d.eval_metrics) <= set(EVAL_METRICS)):
             raise ConfigError(f"{p}: data.eval_metrics must be \"auto\" or a list from {list(EVAL_METRICS)} "
                               f"(got {d.eval_metrics!r}).")
-        for name in ("max_caption_bytes", "max_image_pixels", "eval_batches"):
-            if getattr(d, name) < 1:
-                raise ConfigError(f"{p}: data.{name} must be >= 1 (got {getattr(d, name)}).")
+        for name in LOADER_LIMITS:
+            problem = limit_problem(getattr(d, name))
+            if problem:
+                raise ConfigError(f"{p}: data.{name} {problem} (got {getattr(d, name)!r}).")
+        if d.eval_batches < 1:
+            raise ConfigError(f"{p}: data.eval_batches must be >= 1 (got {d.eval_batches}).")
         for name in ("steps", "log_every", "eval_every", "checkpoint_every", "keep_last", "expert_parallel_size"):
             if getattr(t, name) < 1:
                 raise ConfigError(f"{p}: train.{name} must be >= 1 (got {getattr(t, name)}).")
@@ -135,15 +138,16 @@ class Recipe:
                 raise ConfigError(f"{p}: model.{reserved} is set by mmoe-ds (backend, train.expert_parallel_size, "
                                   f"tokenizer); remove it from the recipe.")
         modalities = self.model.get("router", {}).get("modalities")
-        if modalities is not None and tuple(modalities) != ("image", "text"):
+        if modalities is not None and tuple(modalities) != MODALITIES:
             raise ConfigError(f"{p}: model.router.modalities={modalities} does not match the data's modalities "
-                              f"['image', 'text']; remove the field or fix its order.")
+                              f"{list(MODALITIES)}; remove the field or fix its order.")
         if t.init_from is not None:
             if not isinstance(t.init_from, str) or not t.init_from:
                 raise ConfigError(f"{p}: train.init_from must be the path of an `mmoe-ds export` or `mmoe-ds upcycle` "
                                   f"folder (got {t.init_from!r}).")
             check_overrides(self.model, p)
-            return  # the model's other checks need the folder's config.json: see mmoe_ds.training.checks.check_init_from
+            # The model's other checks need the folder's config.json: see mmoe_ds.training.checks.check_init_from.
+            return
         if self.model.get("vision_encoder", "patch") != "patch":
             raise ConfigError(f"{p}: model.vision_encoder={self.model['vision_encoder']!r} needs the vision model's "
                               f"weights and image processor; build the model with `mmoe-ds upcycle --lm LM --vision "
@@ -177,7 +181,8 @@ def load_ds_config(path: str | os.PathLike) -> dict:
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise ConfigError(f"{path}: DeepSpeed config not found; pass --deepspeed_config ds_configs/<name>.json.") from None
+        raise ConfigError(f"{path}: DeepSpeed config not found; pass --deepspeed_config ds_configs/<name>.json."
+                          ) from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e}).") from None
 
@@ -203,7 +208,8 @@ def validate_launch(recipe: Recipe, ds_config: dict, ds_path: str, world_size: i
         raise ConfigError(f"{ds_path}: train_batch_size={total} != micro batch {recipe.micro_batch_size} x "
                           f"gradient_accumulation_steps {gas} x {world_size} processes; fix it or drop the field.")
     if "optimizer" not in ds_config:
-        raise ConfigError(f"{ds_path}: no 'optimizer' section; add e.g. {{\"type\": \"AdamW\", \"params\": {{\"lr\": 3e-4}}}}.")
+        raise ConfigError(f"{ds_path}: no 'optimizer' section; add e.g. "
+                          f"{{\"type\": \"AdamW\", \"params\": {{\"lr\": 3e-4}}}}.")
     config = json.loads(json.dumps(ds_config))
     config["train_micro_batch_size_per_gpu"] = recipe.micro_batch_size
     config.setdefault("gradient_accumulation_steps", 1)
@@ -221,6 +227,7 @@ def check_overrides(model_section: dict, where: str) -> None:
     """Raise ConfigError if a recipe starting from `train.init_from` sets a model field that is not overridable."""
     fixed = sorted(set(model_section) - set(OVERRIDABLE_FIELDS))
     if fixed:
+        also = "; also " + ", ".join(f"model.{f}" for f in fixed[1:]) if fixed[1:] else ""
         raise ConfigError(f"{where}: model.{fixed[0]} cannot be changed when starting from train.init_from (the "
-                          f"weights fix it{'; also ' + ', '.join(f'model.{f}' for f in fixed[1:]) if fixed[1:] else ''}); "
+                          f"weights fix it{also}); "
                           f"remove it from the recipe's model section (only {list(OVERRIDABLE_FIELDS)} may be set).")

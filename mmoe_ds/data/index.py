@@ -36,6 +36,7 @@ from pathlib import Path
 
 from ..io.atomic import atomic_write_text, staged_directory
 from .loader import file_sha256
+from .manifest import manifest_path
 from .schema import SAMPLE_KINDS, SPLITS
 from .shards import iter_raw
 from .streams import sample_kind
@@ -56,10 +57,12 @@ class ShardScan:
 
     @property
     def samples(self) -> int:
+        """Samples of every kind in the shard."""
         return sum(self.kinds.values())
 
 
 def is_remote(location: str) -> bool:
+    """Whether a shard location is a `pipe:` command or a URL (kept as it is in the manifest)."""
     return location.startswith("pipe:") or "://" in location
 
 
@@ -67,6 +70,7 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz
 
 
 def is_tar_name(name: str) -> bool:
+    """Whether a file name ends like a (possibly compressed) tar archive."""
     return name.lower().endswith(TAR_SUFFIXES)
 
 
@@ -160,10 +164,11 @@ def write_atomically(out: Path, processor, manifest: dict) -> None:
     renamed into place, with the modes a plain write gives; the shards in OUT are never touched."""
     with staged_directory(out / "processor", normalize_modes=True) as staged:
         processor.save_pretrained(staged)
-    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(manifest_path(out), json.dumps(manifest, indent=1, sort_keys=True) + "\n")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The `mmoe-ds index` command line."""
     parser = argparse.ArgumentParser(prog="mmoe-ds index", description=HELP,
                                      epilog="example: mmoe-ds index --train 'data/cc/{00000..00099}.tar' "
                                             "--validation 'data/cc/{00100..00101}.tar' --out data/cc-index")
@@ -232,6 +237,8 @@ def plan(args: argparse.Namespace, found: Expansion | None = None) -> dict[str, 
 
 def build_manifest(args: argparse.Namespace, planned: dict[str, tuple[str, str]], scans: list[ShardScan],
                    out: Path, processor, tokenizer_note: dict) -> dict:
+    """The manifest of the scanned shards (`data/manifest.py` reads it): per shard its split,
+    source, samples per kind, damage and sha256; counts per split and kind; how it was built."""
     shards, counts = {}, {split: {kind: 0 for kind in SAMPLE_KINDS} for split in SPLITS}
     for scan in scans:
         split, source = planned[scan.location]
@@ -258,6 +265,7 @@ def build_manifest(args: argparse.Namespace, planned: dict[str, tuple[str, str]]
 
 
 def make_processor(args: argparse.Namespace, captions: list[str]):
+    """The dataset's processor: with the tokenizer of --tokenizer, or one trained on `captions`."""
     from transformers import PreTrainedTokenizerFast
 
     from .processor import MmoeProcessor

@@ -55,15 +55,32 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from .manifest import has_manifest, read_manifest, shard_kinds
 from .processor import MmoeProcessor
 from .schema import SAMPLE_KINDS, SPLITS
+from .shards import MAX_CAPTION_BYTES, MAX_IMAGE_PIXELS, open_shard
 from .skips import SkipLog
-from .shards import open_shard
 from .streams import PassExhausted, Shard, SlotBatches, Stream, assign_shards, shard_level, slot_shares
 
 log = logging.getLogger("mmoe_ds.data")
 STATE_FORMAT = 1
 SHARED_MEMORY_MIN_BYTES = 1 << 20  # worker -> main: tensors at least this big travel in shared memory
+# The loader's caps on what it reads, with their defaults (a recipe's `data` section passes them through).
+LOADER_LIMITS = {"max_caption_bytes": MAX_CAPTION_BYTES, "max_image_pixels": MAX_IMAGE_PIXELS}
+
+
+def composition_problem(composition) -> str | None:
+    """What a per-batch composition (kind -> samples, or token budget with balance_by="tokens") must
+    be, or None when it is fine: LoaderConfig and the recipe's data.composition check it alike."""
+    ok = (isinstance(composition, dict) and not set(composition) - set(SAMPLE_KINDS)
+          and all(isinstance(n, int) and n >= 0 for n in composition.values()) and sum(composition.values()) >= 1)
+    return None if ok else f"must map kinds {list(SAMPLE_KINDS)} to integers >= 0 with a positive total"
+
+
+def limit_problem(value) -> str | None:
+    """What a loader cap (one of LOADER_LIMITS) must be, or None when `value` is fine."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return None if ok else "must be an integer >= 1"
 
 
 @dataclass
@@ -81,22 +98,20 @@ class LoaderConfig:
     max_length: int = 64
     balance_by: str = "samples"  # or "tokens": composition values are token budgets per kind
     verify_sha256: bool = False  # check every shard this loader reads against the manifest at start
-    max_caption_bytes: int = 65536  # captions/texts are cut to this many UTF-8 bytes before tokenizing
-    max_image_pixels: int = 16_777_216  # larger images are skipped (counted) before a full decode
+    max_caption_bytes: int = MAX_CAPTION_BYTES  # captions/texts are cut to this many UTF-8 bytes before tokenizing
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # larger images are skipped (counted) before a full decode
 
     def __post_init__(self):
         self.data_dir = str(self.data_dir)
-        if not (Path(self.data_dir) / "manifest.json").exists():
+        if not has_manifest(self.data_dir):
             raise ValueError(f"LoaderConfig.data_dir: {self.data_dir} has no manifest.json; run "
                              f"`mmoe-ds prepare --out {self.data_dir}` first.")
         if self.split not in SPLITS:
             raise ValueError(f"LoaderConfig.split: one of {list(SPLITS)}, got {self.split!r}.")
         self.composition = dict(self.composition)
-        if (set(self.composition) - set(SAMPLE_KINDS) or not all(isinstance(n, int) and n >= 0 for n in
-                                                                  self.composition.values())
-                or sum(self.composition.values()) < 1):
-            raise ValueError(f"LoaderConfig.composition: map kinds {list(SAMPLE_KINDS)} to integers >= 0 with a "
-                             f"positive total, got {self.composition}.")
+        problem = composition_problem(self.composition)
+        if problem:
+            raise ValueError(f"LoaderConfig.composition: {problem}, got {self.composition}.")
         if self.balance_by not in ("samples", "tokens"):
             raise ValueError(f"LoaderConfig.balance_by: 'samples' or 'tokens', got {self.balance_by!r}.")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
@@ -109,10 +124,10 @@ class LoaderConfig:
         if self.balance_by == "tokens" and not self.resampled and self.steps_per_epoch is None:
             raise ValueError("LoaderConfig.steps_per_epoch: a one-pass loader balanced by tokens needs an explicit "
                              "number of steps (samples per batch vary), or use resampled=True.")
-        for name in ("max_caption_bytes", "max_image_pixels"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"LoaderConfig.{name}: an integer >= 1, got {value!r}.")
+        for name in LOADER_LIMITS:
+            problem = limit_problem(getattr(self, name))
+            if problem:
+                raise ValueError(f"LoaderConfig.{name}: {problem}, got {getattr(self, name)!r}.")
         if self.source_weights is not None:
             if not self.resampled:
                 raise ValueError("LoaderConfig.source_weights: only used with resampled=True (a one-pass epoch reads "
@@ -138,19 +153,11 @@ def shard_location(data_dir: str | os.PathLike, rel: str) -> str:
     return str(Path(data_dir) / rel)
 
 
-def shard_kinds(info: dict) -> dict[str, int]:
-    """A manifest shard entry's samples per kind: `kinds` (written by `mmoe-ds index`; a foreign
-    shard may mix kinds) or, for single-kind shards, {kind: samples}."""
-    if "kinds" in info:
-        return {kind: int(n) for kind, n in info["kinds"].items() if n > 0}
-    return {info["kind"]: int(info["samples"])} if info["samples"] > 0 else {}
-
-
 def shard_table(data_dir: str, split: str) -> dict[str, list[Shard]]:
     """kind -> its shards in this split, sorted by manifest location, each with its first sample's
     index among that kind's samples. A shard holding other samples too is marked `mixed` (its
     streams filter by kind)."""
-    manifest = json.loads((Path(data_dir) / "manifest.json").read_text())
+    manifest = read_manifest(data_dir)
     table: dict[str, list[Shard]] = {}
     for rel, info in sorted(manifest["shards"].items()):
         if info["split"] != split:
@@ -175,7 +182,7 @@ def file_sha256(location: str) -> str:
 
 def verify_shards(data_dir: str, locations: list[str]) -> None:
     """Raise a ValueError naming the first of `locations` whose sha256 differs from the manifest's."""
-    manifest = json.loads((Path(data_dir) / "manifest.json").read_text())
+    manifest = read_manifest(data_dir)
     recorded = {shard_location(data_dir, rel): info.get("sha256") for rel, info in manifest["shards"].items()}
     for location in sorted(set(locations)):
         want = recorded.get(location)
@@ -194,7 +201,7 @@ def verify_shards(data_dir: str, locations: list[str]) -> None:
 
 
 def _data_fingerprint(data_dir: str) -> str:
-    manifest = json.loads((Path(data_dir) / "manifest.json").read_text())
+    manifest = read_manifest(data_dir)
     return hashlib.sha256(json.dumps(manifest["shards"], sort_keys=True).encode()).hexdigest()[:16]
 
 

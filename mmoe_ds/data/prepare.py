@@ -33,6 +33,7 @@ import numpy as np
 
 from ..io.atomic import staged_directory
 from .captions import CLASS_NAMES, TEMPLATES
+from .manifest import has_manifest, manifest_path, read_manifest
 from .schema import SAMPLE_KINDS, SPLITS
 from .shards import ShardWriter, png_bytes
 from .sources import Limits, PrepareReport, Record, SourceError
@@ -78,6 +79,7 @@ def _digest64(text: str) -> int:
 
 
 def sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB chunks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
@@ -271,7 +273,7 @@ def write_dataset(records: Iterable[Record], out: Path, samples_per_shard: int =
                     "caption_templates": list(TEMPLATES), "dropped_cross_split_duplicates": dict(duplicates),
                     "processor": processor.to_dict(), "build": build or {},
                     "report": {"skipped": report.skip_counts(), "changed": report.note_counts()}}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        manifest_path(tmp).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         report.write(tmp)
     return out
 
@@ -286,7 +288,7 @@ def check_out(out: Path) -> None:
     """`out` may be new, empty, or an earlier prepare output (it is replaced): never a user's file or folder."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; pass a folder path (it is created).")
-    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").exists():
+    if out.is_dir() and any(out.iterdir()) and not has_manifest(out):
         raise ValueError(f"--out {out} is a non-empty folder that is not a prepared dataset (no manifest.json); it "
                          "would be replaced: pass a new folder.")
 
@@ -347,6 +349,7 @@ def check_options(args: argparse.Namespace) -> str | None:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The `mmoe-ds prepare` command line."""
     parser = _OneLineParser(prog="mmoe-ds prepare", formatter_class=argparse.RawDescriptionHelpFormatter,
                             description=__doc__.split("\n\n")[0] + "\n\nsources (--source):\n" + _sources_help(),
                             epilog=__doc__.split("\n\n", 1)[1])
@@ -416,7 +419,7 @@ def main(argv: list[str]) -> int:
         print(f"mmoe-ds prepare: {e.filename or args.out}: {e.strerror or e}; check that --input is readable and "
               "--out writable (with free space).", file=sys.stderr)
         return 2
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = read_manifest(out)
     if manifest["build"].get("splits"):
         print(f"note: {manifest['build']['splits']}")
     print(report.summary())

@@ -1,7 +1,7 @@
 """The review's experiments, one command each:
 
-    python -m mmoe_ds.experiments NAME [--seeds 0,1,2] [--scale tiny|cpu|gpu] [--out runs/experiments] [--procs N]
-    python -m mmoe_ds.experiments docs [--out runs/experiments] [--doc docs/experiments.md] [--readme README.md]
+    python -m mmoe_ds.experiments NAME [--seeds 0,1,2] [--scale tiny|cpu|gpu] [--root .] [--out DIR] [--procs N]
+    python -m mmoe_ds.experiments docs [--root .] [--out DIR] [--doc FILE] [--readme FILE]
 
 Experiments:
   e1   matched 2×2: aware vs agnostic router × none / per-modality balance / the aware run's routing as a
@@ -15,7 +15,10 @@ Experiments:
   docs regenerate docs/experiments.md (and the README's generated block) from the results
 
 Runs are stored under OUT/_runs by content hash and reused when finished (an interrupted experiment,
-run again, continues); each experiment writes OUT/<name>/results.json, results.md and its PNGs.
+run again, continues); each experiment writes OUT/<name>/results.json, then results.md and its PNGs
+from it. ROOT (--root, default: the current directory) is an mmoe-ds source checkout: the recipes
+are read from ROOT/recipes/; OUT defaults to ROOT/runs/experiments, --doc to ROOT/docs/experiments.md
+and --readme to ROOT/README.md.
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ def _seeds(text: str) -> list[int]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line (see the module docstring); --out, --doc and --readme default to paths under --root."""
     ap = argparse.ArgumentParser(prog="python -m mmoe_ds.experiments", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("name", choices=["e1", "e2", "e3", "e4", "e5", "e6", "all", "docs"],
@@ -48,13 +52,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                          "e6 capacity audit, all, docs (see above)")
     ap.add_argument("--seeds", type=_seeds, default=[0, 1, 2])
     ap.add_argument("--scale", choices=["tiny", "cpu", "gpu"], default="cpu")
-    ap.add_argument("--out", type=Path, default=Path("runs/experiments"))
+    ap.add_argument("--root", type=Path, default=Path("."),
+                    help="the mmoe-ds source checkout whose recipes/ the runs use (default: the current directory)")
+    ap.add_argument("--out", type=Path, default=None, help="the experiments folder (default: ROOT/runs/experiments)")
     ap.add_argument("--procs", type=int, default=None, help="processes per run (default: the scale's; on GPU: GPUs)")
-    ap.add_argument("--doc", type=Path, default=Path("docs/experiments.md"), help="docs: the file to regenerate")
-    ap.add_argument("--readme", type=Path, default=Path("README.md"),
-                    help="docs: the README whose generated experiments block is rewritten (skipped without the block)")
+    ap.add_argument("--doc", type=Path, default=None,
+                    help="docs: the file to regenerate (default: ROOT/docs/experiments.md)")
+    ap.add_argument("--readme", type=Path, default=None,
+                    help="docs: the README whose generated experiments block is rewritten (skipped without the block; "
+                         "default: ROOT/README.md)")
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    args.out = args.root / "runs" / "experiments" if args.out is None else args.out
+    args.doc = args.root / "docs" / "experiments.md" if args.doc is None else args.doc
+    args.readme = args.root / "README.md" if args.readme is None else args.readme
+    return args
 
 
 def run_experiment(name: str, seeds: list[int], scale: Scale, out: Path, quiet: bool = False) -> dict | None:
@@ -80,14 +92,19 @@ def run_experiment(name: str, seeds: list[int], scale: Scale, out: Path, quiet: 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the experiment(s) named on the command line, or regenerate the docs; 2 with one line on stderr
+    when something is wrong (a root without recipes/, no results to document, a failed run)."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if args.name == "docs":
-        from .docs import write_document
-
-        print(f"wrote {write_document(args.out, args.doc, args.readme)}")
-        return 0
     try:
-        scale = Scale.load(args.scale, args.procs)
+        if args.name == "docs":
+            from .docs import write_document
+
+            if not args.out.is_dir():
+                raise ExperimentError(f"--out {args.out.resolve()}: no such folder, so no results to document; pass "
+                                      "the experiments folder with --out (or the checkout with --root).")
+            print(f"wrote {write_document(args.out, args.doc, args.readme)}")
+            return 0
+        scale = Scale.load(args.scale, args.procs, args.root)
         names = ["e1", "e2", "e3", "e4", "e5", "e6"] if args.name == "all" else [args.name]
         for name in names:
             run_experiment(name, args.seeds, scale, args.out, args.quiet)

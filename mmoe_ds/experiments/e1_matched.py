@@ -25,31 +25,15 @@ covariance shape, where a blind linear router provably cannot separate them).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .runner import (
-    QUALITY,
-    TRAINING_ROUTING_CAVEAT,
-    ExperimentError,
-    Run,
-    Runner,
-    RunSpec,
-    bar_panel,
-    contrast,
-    holm,
-    mode_recipe,
-    new_figure,
-    routing_counts,
-    run_metrics,
-    save_figure,
-    seeds_for,
-    summarize,
-    write_results,
-)
+from .measure import QUALITY, TRAINING_ROUTING_CAVEAT, routing_counts, run_metrics
+from .render import render_folder
+from .runner import ExperimentError, Run, Runner, RunSpec, mode_recipe, seeds_for, write_results
+from .stats import contrast, holm, summarize
 
 NAME = "e1_matched"
 ROUTER_RECIPE = {"agnostic": "agnostic", "aware": "modality_bias"}
@@ -59,6 +43,10 @@ PRIMARY_METRIC = "caption_loss"
 METRICS = (("caption_loss", "caption loss"), ("caption_rank_acc", "caption ranking acc"), ("text_ppl", "text ppl"),
            ("tv", "routing TV (0-1)"), ("nmi", "NMI"), ("target_gap", "TV to target"),
            ("uniform_gap", "uniform router's TV to target"))
+CELL_TABLE_NOTE = (
+    "Routing TV and NMI (Miller–Madow I(M;E)/H(M)) are over the routes chosen in the last 20% of training, averaged "
+    "over MoE layers; TV to target: how far the matched runs ended from their per-layer targets, measured the same "
+    "way; the uniform router's TV to target is the bar they must beat.")
 PROBE_METRICS = (("probe_tv", "probe TV"), ("probe_mi_bits", "I(M;E), bits"), ("probe_nmi", "NMI"),
                  ("logit_share", "E[m] share of logit variance"))
 
@@ -83,9 +71,9 @@ CELLS = (AWARE, AGNOSTIC, AWARE_PMB, AGNOSTIC_PMB, AGNOSTIC_MATCHED, AWARE_MATCH
 PRIMARY = (AWARE, AGNOSTIC_MATCHED)
 
 
-def matched_coef() -> float:
+def matched_coef(runner: Runner) -> float:
     """The matched-utilization loss coefficient of recipes/modes/agnostic_matched_utilization.json."""
-    raw = json.loads(Path(mode_recipe("agnostic_matched_utilization")).read_text())
+    raw = runner.base_recipe(mode_recipe("agnostic_matched_utilization"))
     return float(raw["model"]["router"]["matched_utilization_coef"])
 
 
@@ -236,7 +224,8 @@ def cell_table(title: str, per_run: dict, labels: list[str], metrics, note: str 
         runs = per_run[label]
         first = next(iter(runs.values()))["metrics"]
         rows.append({"label": f"{label} (n={len(runs)})",
-                     "cells": {k: summarize([v["metrics"][k] for v in runs.values()]) for k, _ in metrics if k in first},
+                     "cells": {k: summarize([v["metrics"][k] for v in runs.values()])
+                               for k, _ in metrics if k in first},
                      "chance": {k: first[f"chance_{k}"] for k, _ in metrics if f"chance_{k}" in first}})
     return {"title": title, "row_header": "cell", "columns": [list(m) for m in metrics], "rows": rows,
             **({"note": note} if note else {})}
@@ -244,9 +233,9 @@ def cell_table(title: str, per_run: dict, labels: list[str], metrics, note: str 
 
 def run(runner: Runner, seeds: list[int], out: Path) -> dict:
     """Train every cell (the primary pair over `seeds`, the other cells over the scale's "arms" share),
-    the size sweep and the covariance data; write results.json / results.md / e1_matched.png to `out`."""
+    the size sweep and the covariance data; write results.json to `out`, and results.md / e1_matched.png from it."""
     since = runner.tally()
-    coef = matched_coef()
+    coef = matched_coef(runner)
     arm_seeds = seeds_for(runner, "arms", seeds)
     sweep_seeds = seeds_for(runner, "sweep", seeds)
     groups = {"main": ({c: (seeds if c in PRIMARY else arm_seeds) for c in CELLS}, None, "embedded", "")}
@@ -329,8 +318,8 @@ def run(runner: Runner, seeds: list[int], out: Path) -> dict:
         record(per_run, got, tg, runner, suffix)
         contrasts += [quality_contrast("Covariance-regime data: aware vs agnostic + matched loss", "caption_loss",
                                        L[AWARE] + suffix, L[AGNOSTIC_MATCHED] + suffix, per_run),
-                      routing_contrast("Covariance-regime data: aware vs agnostic", "routing TV", "tv", L[AWARE] + suffix,
-                                       L[AGNOSTIC] + suffix, per_run),
+                      routing_contrast("Covariance-regime data: aware vs agnostic", "routing TV", "tv",
+                                       L[AWARE] + suffix, L[AGNOSTIC] + suffix, per_run),
                       quality_contrast("Covariance-regime data: aware vs agnostic", "caption_loss", L[AWARE] + suffix,
                                        L[AGNOSTIC] + suffix, per_run)]
         extra_tables.append(cell_table(f"Covariance-regime data (seeds {', '.join(map(str, cov_seeds))})", per_run,
@@ -351,26 +340,13 @@ def run(runner: Runner, seeds: list[int], out: Path) -> dict:
                 f"(the aware runs' own, per layer); {closer} of {len(matched_rows)} matched runs end closer to their "
                 "target than a uniform router would be (per seed in the matched table)."]
 
-    fig, axes = new_figure(2, width=5.2)
-    labels = [L[c] for c in CELLS]
-    bar_panel(axes[0, 0], labels, [summarize([v["metrics"]["caption_loss"] for v in per_run[lab].values()])
-                                   for lab in labels], "caption loss (nats)")
-    bar_panel(axes[0, 1], labels, [summarize([v["metrics"]["tv"] for v in per_run[lab].values()]) for lab in labels],
-              "routing TV image vs text (0-1)")
-    fig.tight_layout()
-    plot = save_figure(fig, out / "e1_matched.png")
-
     results = {
         **runner.header(since, "e1", NAME, "the matched comparison (regularization in disguise?)", seeds),
         "matched_utilization_coef": coef, "per_modality_balance_coef": PER_MODALITY_BALANCE,
         "target_half_width": TARGET_HALF_WIDTH, "arm_seeds": arm_seeds, "probe_seeds": probe_seeds, "key": key,
         "targets": {f"seed {s}": t for s, t in targets.items()},
         "tables": [cell_table("Final evaluation and routing per cell (mean ± 95% CI over the cell's seeds)", per_run,
-                              labels, METRICS,
-                              "Routing TV and NMI (Miller–Madow I(M;E)/H(M)) are over the routes chosen in the last 20% "
-                              "of training, averaged over MoE layers; TV to target: how far the matched runs ended from "
-                              "their per-layer targets, measured the same way; the uniform router's TV to target is the "
-                              "bar they must beat."),
+                              [L[c] for c in CELLS], METRICS, CELL_TABLE_NOTE),
                    cell_table(f"Routing on the held-out probe set (seeds {', '.join(map(str, probe_seeds))}; layer "
                               "means)", {k: {s: v for s, v in per_run[k].items() if s in probe_seeds}
                                          for k in (L[AWARE], L[AWARE_PMB], L[AGNOSTIC])},
@@ -380,8 +356,8 @@ def run(runner: Runner, seeds: list[int], out: Path) -> dict:
                    *extra_tables],
         "matched": matched_rows,
         "contrasts": contrasts, "findings": findings,
-        "plots": [{"file": plot, "caption": "E1: caption loss and routing TV per cell; bars are means, whiskers 95% "
-                                            "CIs, dots seeds"}],
+        "plots": [{"file": "e1_matched.png", "caption": "E1: caption loss and routing TV per cell; bars are means, "
+                                                        "whiskers 95% CIs, dots seeds"}],
         "caveats": [f"{runner.scale.steps} steps of a small model: every arm is under-trained, and a difference that "
                     "is not there at this size may appear at a real one (and the other way round); the size sweep "
                     "shows the trend over the sizes that fit a CPU, not beyond.",
@@ -396,9 +372,8 @@ def run(runner: Runner, seeds: list[int], out: Path) -> dict:
                     "an explicit modality channel in the router, not whether the representation carries the modality."],
         "runs": {label: {str(s): v for s, v in by_s.items()} for label, by_s in per_run.items()},
     }
-    from .docs import render_experiment
-
-    write_results(out, results, render_experiment(results))
+    write_results(out, results)
+    render_folder(out)
     return results
 
 

@@ -20,23 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from . import e1_matched
-from .runner import (
-    TRAINING_ROUTING_CAVEAT,
-    ExperimentError,
-    Run,
-    Runner,
-    RunSpec,
-    contrast,
-    counts_of,
-    holm,
-    mode_recipe,
-    new_figure,
-    routing_summary,
-    save_figure,
-    seeds_for,
-    summarize,
-    write_results,
-)
+from .measure import TRAINING_ROUTING_CAVEAT, counts_of, routing_summary
+from .render import render_folder
+from .runner import ExperimentError, Run, Runner, RunSpec, mode_recipe, seeds_for, write_results
+from .stats import contrast, holm, summarize
 
 NAME = "e2_convergence"
 MULTIPLES = (1, 2, 5, 10)
@@ -88,7 +75,8 @@ def eval_at(run: Run, step: int) -> dict[str, float]:
 
 
 def run(runner: Runner, seeds: list[int], out: Path) -> dict:
-    """Train (or reuse) the long runs and E1's aware runs; write results and e2_convergence.png."""
+    """Train (or reuse) the long runs and E1's aware runs; write results.json, then results.md and
+    e2_convergence.png from it."""
     since = runner.tally()
     seeds = seeds_for(runner, "e2", seeds)
     steps = runner.scale.steps
@@ -135,29 +123,11 @@ def run(runner: Runner, seeds: list[int], out: Path) -> dict:
     holm(contrasts)
     d1 = summarize(list(curves["dist_same_step"][1].values()))
     d10 = summarize(list(curves["dist_same_step"][LONG].values()))
-    findings = [f"Pattern distance between the agnostic and the aware routing at the same step: {d1['mean']:.3f} at 1×, "
+    findings = [f"Pattern distance between the agnostic and the aware routing at the same step: {d1['mean']:.3f} "
+                "at 1×, "
                 + ", ".join(f"{summarize(list(curves['dist_same_step'][N].values()))['mean']:.3f} at {N}×"
                             for N in MULTIPLES[1:]) + f" (0: the same routing up to expert labels; {d10['mean']:.3f} "
                 f"at {LONG}×)."]
-
-    fig, axes = new_figure(3, width=4.0)
-    x = np.array(MULTIPLES)
-    for ax, keys, ylabel in ((axes[0, 0], ("dist_same_step", "dist_aware_1x", "dist_aware_self"), "pattern distance"),
-                             (axes[0, 1], ("tv_agnostic", "tv_aware"), "routing TV"),
-                             (axes[0, 2], ("loss_agnostic", "loss_aware"), "caption loss")):
-        for k in keys:
-            ss = [summarize([curves[k][N][s] for s in seeds]) for N in MULTIPLES]
-            mean = np.array([v["mean"] for v in ss])
-            ci = np.array([v["ci95"] or 0.0 for v in ss])
-            ax.plot(x, mean, "o-", label=dict(columns)[k])
-            ax.fill_between(x, mean - ci, mean + ci, alpha=0.2)
-        ax.set_xscale("log")
-        ax.set_xticks(x, [f"{N}×" for N in MULTIPLES])
-        ax.set_xlabel(f"training steps (× {steps})", fontsize=8)
-        ax.set_ylabel(ylabel, fontsize=8)
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    plot = save_figure(fig, out / "e2_convergence.png")
 
     results = {
         **runner.header(since, "e2", NAME, "convergence — does the agnostic routing pattern approach the aware one?",
@@ -170,16 +140,15 @@ def run(runner: Runner, seeds: list[int], out: Path) -> dict:
                             "expert labels."}],
         "curves": {k: {str(N): {str(s): v for s, v in by.items()} for N, by in c.items()} for k, c in curves.items()},
         "contrasts": contrasts, "findings": findings,
-        "plots": [{"file": plot, "caption": "E2: pattern distances, routing TV and caption loss against training "
-                                            "steps (bands: 95% CI over seeds)"}],
-        "caveats": [f"Each long run's learning-rate schedule spans all {LONG}× steps, so its N× point is not a finished "
-                    "N× run (E1's aware run is the finished 1× reference).",
+        "plots": [{"file": "e2_convergence.png", "caption": "E2: pattern distances, routing TV and caption loss "
+                                                            "against training steps (bands: 95% CI over seeds)"}],
+        "caveats": [f"Each long run's learning-rate schedule spans all {LONG}× steps, so its N× point is not a "
+                    "finished N× run (E1's aware run is the finished 1× reference).",
                     "Aligning experts by their usage profiles makes any two patterns look closer than unaligned ones; "
                     "the aware run against its own 1× run shows how far a pattern moves by training alone.",
                     "Patterns are per modality only; per-class usage profiles are not measured here.",
                     TRAINING_ROUTING_CAVEAT],
     }
-    from .docs import render_experiment
-
-    write_results(out, results, render_experiment(results))
+    write_results(out, results)
+    render_folder(out)
     return results

@@ -16,33 +16,16 @@ import numpy as np
 
 from mmoe_ds.io.atomic import atomic_write_text
 
-from .runner import (
-    MODES_DIR,
-    Run,
-    Runner,
-    RunSpec,
-    by_seed,
-    contrast,
-    holm,
-    mode_recipe,
-    new_figure,
-    run_metrics,
-    save_figure,
-    seeds_for,
-    summarize,
-    write_results,
-)
+from .measure import run_metrics
+from .render import render_folder
+from .runner import Run, Runner, RunSpec, mode_recipe, seeds_for, write_results
+from .stats import by_seed, contrast, holm, summarize
 
 NAME = "e3_function"
 METRICS = (("caption_rank_acc", "caption ranking acc"), ("tv", "probe TV"), ("nmi", "probe NMI"),
            ("probe_acc", "modality probe acc"), ("cka_all", "expert CKA, all"), ("cka_image", "expert CKA, image"),
            ("cka_text", "expert CKA, text"), ("cka_weights", "weight CKA"))
 PROBE = {"tiny": (64, 100), "cpu": (512, 1000), "gpu": (512, 1000)}  # scale -> (n_probe samples, n_perm)
-
-
-def designs() -> list[str]:
-    """Every routing recipe in recipes/modes (file stems), sorted."""
-    return sorted(p.stem for p in MODES_DIR.glob("*.json"))
 
 
 def expand_router(router: dict, num_experts: int) -> dict:
@@ -67,7 +50,7 @@ def expand_router(router: dict, num_experts: int) -> dict:
 def design_spec(runner: Runner, design: str, seed: int) -> RunSpec:
     path = mode_recipe(design)
     experts = runner.scale.overrides.get("model", {}).get("num_local_experts")
-    router = json.loads(Path(path).read_text())["model"]["router"]
+    router = runner.base_recipe(path)["model"]["router"]
     over = expand_router(router, experts) if experts else {}
     return RunSpec(path, seed, {"model": {"router": over}} if over else {}, label=design)
 
@@ -109,11 +92,12 @@ def analysis_metrics(a: dict) -> dict[str, float]:
 
 
 def run(runner: Runner, seeds: list[int], out: Path) -> dict:
-    """Train (or reuse) every design × seed, analyze each run, write results, e3_cka.png and e3_probe.png."""
+    """Train (or reuse) every design × seed, analyze each run; write results.json (with the first seed's CKA
+    matrices), then results.md, e3_cka.png and e3_probe.png from it."""
     since = runner.tally()
 
     seeds = seeds_for(runner, "e3", seeds)
-    names = designs()
+    names = runner.modes()
     keys = [(d, s) for d in names for s in seeds]
     runs = runner.run_all([design_spec(runner, d, s) for d, s in keys])
     analyses, metrics = {}, {}
@@ -129,7 +113,8 @@ def run(runner: Runner, seeds: list[int], out: Path) -> dict:
              "chance": {"caption_rank_acc": metrics[(d, seeds[0])].get("chance_caption_rank_acc")}} for d in names]
     n_layers = len(analyses[keys[0]]["layers"])
     layer_ids = [l["layer"] for l in analyses[keys[0]]["layers"]]
-    probe_rows = [{"label": d, "cells": {f"probe_acc_L{i}": summarize(col(d, f"probe_acc_L{i}")) for i in range(n_layers)}
+    probe_rows = [{"label": d, "cells": {f"probe_acc_L{i}": summarize(col(d, f"probe_acc_L{i}"))
+                                         for i in range(n_layers)}
                    | {f"tv_L{i}": summarize(col(d, f"tv_L{i}")) for i in range(n_layers)}} for d in names]
     probe_cols = [[f"probe_acc_L{i}", f"probe acc, layer {layer_ids[i]}"] for i in range(n_layers)] + \
                  [[f"tv_L{i}", f"TV, layer {layer_ids[i]}"] for i in range(n_layers)]
@@ -145,7 +130,8 @@ def run(runner: Runner, seeds: list[int], out: Path) -> dict:
         ]
     if {"agnostic_matched_utilization", "modality_bias"} <= set(names):
         contrasts.append(contrast("Loss-only specialization (hand-set target) vs the aware router", "routing TV",
-                                  "agnostic_matched_utilization", by_seed(seeds, col("agnostic_matched_utilization", "tv")),
+                                  "agnostic_matched_utilization",
+                                  by_seed(seeds, col("agnostic_matched_utilization", "tv")),
                                   "modality_bias", by_seed(seeds, col("modality_bias", "tv")), higher_is="neutral"))
     holm(contrasts)
     findings = []
@@ -154,35 +140,12 @@ def run(runner: Runner, seeds: list[int], out: Path) -> dict:
         findings.append(f"A linear probe reads the modality from the agnostic router's input with held-out accuracy "
                         f"{p['mean']:.3f} (layer mean over seeds): the information is there for a linear router.")
 
-    fig, axes = new_figure(n_layers, nrows=len(names), width=2.6, height=2.4)
-    for i, d in enumerate(names):
-        for j, layer in enumerate(analyses[(d, seeds[0])]["layers"]):
-            ax = axes[i, j]
-            im = ax.imshow(np.asarray(layer["cka"]["all"], dtype=float), vmin=0, vmax=1, cmap="viridis")
-            ax.set_title(f"{d}, layer {layer['layer']}", fontsize=7)
-            ax.set_xticks([])
-            ax.set_yticks([])
-    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="debiased linear CKA")
-    cka_png = save_figure(fig, out / "e3_cka.png")
-    fig, axes = new_figure(2, width=5.0)
-    x = np.arange(len(names))
-    width = 0.8 / n_layers
-    for j in range(n_layers):
-        for ax, key in ((axes[0, 0], "probe_acc"), (axes[0, 1], "tv")):
-            s = [summarize(col(d, f"{key}_L{j}")) for d in names]
-            ax.bar(x + (j - (n_layers - 1) / 2) * width, [v["mean"] for v in s], width,
-                   yerr=[v["ci95"] or 0 for v in s], capsize=2, label=f"layer {layer_ids[j]}")
-    for ax, label in ((axes[0, 0], "modality probe accuracy (held out)"), (axes[0, 1], "routing TV on the probe set")):
-        ax.set_xticks(x, names, fontsize=7, rotation=30, ha="right")
-        ax.set_ylabel(label, fontsize=8)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    probe_png = save_figure(fig, out / "e3_probe.png")
-
     n_probe, n_perm = PROBE[runner.scale.name]
     results = {
         **runner.header(since, "e3", NAME, "expert function — CKA and modality probes for every router design", seeds),
-        "designs": names, "probe": {"n_probe": n_probe, "n_perm": n_perm},
+        "designs": names, "probe": {"n_probe": n_probe, "n_perm": n_perm}, "layers": layer_ids,
+        "cka": {"seed": seeds[0], "all": {d: [layer["cka"]["all"] for layer in analyses[(d, seeds[0])]["layers"]]
+                                          for d in names}},
         "tables": [
             {"title": "Per design: quality, routing on the probe set, probe accuracy and expert similarity (layer "
                       "means; mean ± 95% CI over seeds)", "row_header": "design", "columns": [list(m) for m in METRICS],
@@ -193,18 +156,19 @@ def run(runner: Runner, seeds: list[int], out: Path) -> dict:
             {"title": "Per MoE layer: modality probe accuracy and routing TV", "row_header": "design",
              "columns": probe_cols, "rows": probe_rows}],
         "contrasts": contrasts, "findings": findings,
-        "plots": [{"file": cka_png, "caption": f"E3: expert × expert CKA of expert outputs on the probe set, seed "
+        "plots": [{"file": "e3_cka.png", "caption": f"E3: expert × expert CKA of expert outputs on the probe set, seed "
                                                f"{seeds[0]}, per design (rows) and MoE layer (columns)"},
-                  {"file": probe_png, "caption": "E3: held-out accuracy of a linear probe reading the modality from "
-                                                 "each MoE layer's router input, and routing TV (whiskers: 95% CIs)"}],
+                  {"file": "e3_probe.png", "caption": "E3: held-out accuracy of a linear probe reading the modality "
+                                                      "from each MoE layer's router input, and routing TV (whiskers: "
+                                                      "95% CIs)"}],
         "caveats": [f"Probe set: {n_probe} test samples; CKA on every expert's outputs for all probe tokens (each "
-                    "expert is run on every probe token, routed to it or not).", "Experts that are similar by CKA can still differ in what they do for the loss; "
+                    "expert is run on every probe token, routed to it or not).",
+                    "Experts that are similar by CKA can still differ in what they do for the loss; "
                     "CKA measures representational similarity only.",
                     "Every design here keeps the modality embedding (no design runs without it), and image tokens "
                     "always sit at positions 1..P, so the position embedding tells the modality too. Probe accuracy "
                     "1.0 means a linear router COULD separate the modalities, not that it does (see TV/NMI)."],
     }
-    from .docs import render_experiment
-
-    write_results(out, results, render_experiment(results))
+    write_results(out, results)
+    render_folder(out)
     return results

@@ -18,23 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from mmoe_ds.io.atomic import atomic_write_text
+from mmoe_ds.moe.config import MODALITIES
 
 from . import e1_matched
-from .runner import (
-    MODALITIES,
-    Runner,
-    RunSpec,
-    by_seed,
-    chance_levels,
-    contrast,
-    holm,
-    mode_recipe,
-    new_figure,
-    save_figure,
-    seeds_for,
-    summarize,
-    write_results,
-)
+from .measure import chance_levels
+from .render import render_folder
+from .runner import Runner, RunSpec, mode_recipe, seeds_for, write_results
+from .stats import by_seed, contrast, holm, summarize
 
 NAME = "e5_transfer"
 ROUTER_PATTERN = "*.deepspeed_moe.gate.*"
@@ -124,7 +114,8 @@ def finetune_spec(runner: Runner, export: Path, seed: int, variant: str) -> RunS
 
 
 def run(runner: Runner, seeds: list[int], out: Path) -> dict:
-    """A runs (reused), exports, zero-shot analyses, fine-tunes; write results and e5_transfer.png."""
+    """A runs (reused), exports, zero-shot analyses, fine-tunes; write results.json, then results.md and
+    e5_transfer.png from it."""
     since = runner.tally()
     seeds = seeds_for(runner, "e5", seeds)
     data_a, data_b = runner.dataset("embedded").resolve(), runner.dataset("emoji").resolve()
@@ -157,7 +148,8 @@ def run(runner: Runner, seeds: list[int], out: Path) -> dict:
 
     layer_ids = [l["layer"] for l in zero[seeds[0]]["on_a"]["layers"]]
     zero_cols = [["tv_a", "TV on A"], ["tv_b", "TV on B"], ["tv_image", "drift image (TV)"],
-                 ["tv_text", "drift text (TV)"], ["js_image", "drift image (JS bits)"], ["js_text", "drift text (JS bits)"],
+                 ["tv_text", "drift text (TV)"], ["js_image", "drift image (JS bits)"],
+                 ["js_text", "drift text (JS bits)"],
                  ["mi_a", "I(M;E) on A, bits"], ["mi_b", "I(M;E) on B, bits"], ["mi_change", "I(M;E) B − A, bits"]]
     zero_rows = [{"label": "layer mean", "cells": {k: summarize(zcol(k)) for k, _ in zero_cols}}]
     zero_rows += [{"label": f"layer {layer}", "cells": {f"tv_{m}": summarize(zcol(f"tv_{m}_L{i}")) for m in MODALITIES}}
@@ -193,26 +185,6 @@ def run(runner: Runner, seeds: list[int], out: Path) -> dict:
                 f"Zero shot, the mean drift of p(e | image) from A to B is {np.mean(zcol('tv_image')):.3f} TV, of "
                 f"p(e | text) {np.mean(zcol('tv_text')):.3f} TV (0: the same experts, 1: disjoint experts)."]
 
-    fig, axes = new_figure(2, width=5.0)
-    x = np.arange(len(layer_ids))
-    for k, m in enumerate(MODALITIES):
-        s = [summarize(zcol(f"tv_{m}_L{i}")) for i in range(len(layer_ids))]
-        axes[0, 0].bar(x + (k - 0.5) * 0.4, [v["mean"] for v in s], 0.4, yerr=[v["ci95"] or 0 for v in s], capsize=2,
-                       label=m)
-    axes[0, 0].set_xticks(x, [f"layer {l}" for l in layer_ids], fontsize=7)
-    axes[0, 0].set_ylabel("zero-shot drift of p(e|m), A → B (TV)", fontsize=8)
-    axes[0, 0].legend(fontsize=7)
-    names = list(VARIANTS)
-    for k, key in enumerate(("change_image", "change_text")):
-        s = [summarize(fcol(v, key)) for v in names]
-        axes[0, 1].bar(np.arange(len(names)) + (k - 0.5) * 0.4, [v["mean"] for v in s], 0.4,
-                       yerr=[v["ci95"] or 0 for v in s], capsize=2, label=key.split("_")[1])
-    axes[0, 1].set_xticks(range(len(names)), [f"router {v}" for v in names], fontsize=7)
-    axes[0, 1].set_ylabel("routing change on B after fine-tuning (TV)", fontsize=8)
-    axes[0, 1].legend(fontsize=7)
-    fig.tight_layout()
-    plot = save_figure(fig, out / "e5_transfer.png")
-
     steps = max(1, int(round(runner.scale.steps * runner.scale.finetune_fraction)))
     results = {
         **runner.header(since, "e5", NAME, "cross-dataset transfer of routing (embedded → emoji)", seeds),
@@ -225,8 +197,9 @@ def run(runner: Runner, seeds: list[int], out: Path) -> dict:
              "note": "Routing change: TV between p(e|m) on B after fine-tuning and the zero-shot p(e|m) on B, layer "
                      "mean."}],
         "contrasts": contrasts, "findings": findings,
-        "plots": [{"file": plot, "caption": "E5: zero-shot drift of each modality's expert distribution from A to B per "
-                                            "MoE layer, and the routing change after fine-tuning per variant"}],
+        "plots": [{"file": "e5_transfer.png", "caption": "E5: zero-shot drift of each modality's expert distribution "
+                                                         "from A to B per MoE layer, and the routing change after "
+                                                         "fine-tuning per variant"}],
         "caveats": ["B's images are encoded with A's processor (gray, 28 px): emoji lose their colour, so part of the "
                     "drift is the encoding, not the content.",
                     "A frozen router keeps its weights (the trainer leaves them out of the optimizer), not its "
@@ -236,7 +209,6 @@ def run(runner: Runner, seeds: list[int], out: Path) -> dict:
                     "The zero-shot quality of A on B is not measured here (only routing); fine-tuned quality is B's "
                     "validation caption loss."],
     }
-    from .docs import render_experiment
-
-    write_results(out, results, render_experiment(results))
+    write_results(out, results)
+    render_folder(out)
     return results

@@ -11,31 +11,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from . import e1_matched
-from .runner import QUALITY as QUALITY_READOUTS
-from .runner import (
-    TRAINING_ROUTING_CAVEAT,
-    Runner,
-    RunSpec,
-    bar_panel,
-    by_seed,
-    contrast,
-    holm,
-    new_figure,
-    run_metrics,
-    save_figure,
-    seeds_for,
-    summarize,
-    write_results,
-)
+from .measure import QUALITY as QUALITY_READOUTS
+from .measure import TRAINING_ROUTING_CAVEAT, run_metrics
+from .render import render_folder
+from .runner import Runner, RunSpec, seeds_for, write_results
+from .stats import by_seed, contrast, holm, summarize
 
 NAME = "e6_audit"
 ROUTERS = ("agnostic", "aware")
 MIXES = ("default", "image_heavy", "text_heavy")
 AUDIT = (("drop_image", "image drop rate"), ("drop_text", "text drop rate"), ("eff_image", "image eff. experts"),
-         ("eff_text", "text eff. experts"), ("share_image", "image compute share"), ("share_text", "text compute share"),
+         ("eff_text", "text eff. experts"), ("share_image", "image compute share"),
+         ("share_text", "text compute share"),
          ("entropy_image", "image router entropy"), ("entropy_text", "text router entropy"))
 QUALITY = (("caption_rank_acc", "caption ranking acc"), ("caption_loss", "caption loss"), ("text_ppl", "text ppl"))
 
@@ -57,7 +45,7 @@ def spec(router: str, mix: str, seed: int, composition: dict | None) -> RunSpec:
 
 
 def run(runner: Runner, seeds: list[int], out: Path) -> dict:
-    """Train (or reuse) router × mix × seed; write results and e6_audit.png."""
+    """Train (or reuse) router × mix × seed; write results.json, then results.md and e6_audit.png from it."""
     since = runner.tally()
     seeds = seeds_for(runner, "e6", seeds)
     default = runner.recipe(e1_matched.spec(e1_matched.AGNOSTIC, seeds[0]))["data"]["composition"]
@@ -99,31 +87,14 @@ def run(runner: Runner, seeds: list[int], out: Path) -> dict:
                      seeded(r, "image_heavy", "drop_image"), higher_is="worse"),
             contrast(f"Flipping the mix ({r})", "text drop rate", th, seeded(r, "text_heavy", "drop_text"), ih,
                      seeded(r, "image_heavy", "drop_text"), higher_is="worse"),
-            contrast(f"Flipping the mix ({r})", "caption ranking accuracy", th, seeded(r, "text_heavy", "caption_rank_acc"),
-                     ih, seeded(r, "image_heavy", "caption_rank_acc"),
+            contrast(f"Flipping the mix ({r})", "caption ranking accuracy", th,
+                     seeded(r, "text_heavy", "caption_rank_acc"), ih, seeded(r, "image_heavy", "caption_rank_acc"),
                      chance=metrics[(r, "text_heavy", seeds[0])].get("chance_caption_rank_acc")),
             contrast(f"Flipping the mix ({r})", "text perplexity", th, seeded(r, "text_heavy", "text_ppl"), ih,
                      seeded(r, "image_heavy", "text_ppl"), higher_is="worse",
                      chance=metrics[(r, "text_heavy", seeds[0])].get("chance_text_ppl")),
         ]
     holm(contrasts)
-
-    fig, axes = new_figure(2, width=5.0)
-    labels = [label(r, m) for r in ROUTERS for m in MIXES]
-    drop = [summarize([metrics[(r, m, s)]["drop_image"] for s in seeds]) for r in ROUTERS for m in MIXES]
-    drop_t = [summarize([metrics[(r, m, s)]["drop_text"] for s in seeds]) for r in ROUTERS for m in MIXES]
-    x = np.arange(len(labels))
-    axes[0, 0].bar(x - 0.2, [d["mean"] for d in drop], 0.4, yerr=[d["ci95"] or 0 for d in drop], label="image",
-                   color="#4c72b0", capsize=2)
-    axes[0, 0].bar(x + 0.2, [d["mean"] for d in drop_t], 0.4, yerr=[d["ci95"] or 0 for d in drop_t], label="text",
-                   color="#dd8452", capsize=2)
-    axes[0, 0].set_xticks(x, labels, fontsize=7, rotation=30, ha="right")
-    axes[0, 0].set_ylabel("share of routes dropped by capacity", fontsize=8)
-    axes[0, 0].legend(fontsize=7)
-    bar_panel(axes[0, 1], labels, [summarize([metrics[(r, m, s)]["share_image"] for s in seeds])
-                                   for r in ROUTERS for m in MIXES], "image share of expert compute")
-    fig.tight_layout()
-    plot = save_figure(fig, out / "e6_audit.png")
 
     results = {
         **runner.header(since, "e6", NAME, "capacity and bias audit under flipped batch mixes", seeds),
@@ -136,8 +107,8 @@ def run(runner: Runner, seeds: list[int], out: Path) -> dict:
             {"title": "Quality per router and mix (final evaluation; mean ± 95% CI)", "row_header": "router, mix",
              "columns": [list(m) for m in QUALITY], "rows": rows(QUALITY)}],
         "contrasts": contrasts,
-        "plots": [{"file": plot, "caption": "E6: per-modality drop rate and the image share of expert compute per "
-                                            "router and batch mix (whiskers: 95% CIs)"}],
+        "plots": [{"file": "e6_audit.png", "caption": "E6: per-modality drop rate and the image share of expert "
+                                                      "compute per router and batch mix (whiskers: 95% CIs)"}],
         "caveats": ["The image-heavy mix has no text-only samples and the text-heavy mix no image-only ones, and both "
                     "have a quarter of the default's image+caption pairs: quality under a flipped mix mostly measures "
                     "what the model was trained on.",
@@ -147,7 +118,6 @@ def run(runner: Runner, seeds: list[int], out: Path) -> dict:
                     "(image top-1, text top-2), which already give text twice the routes per token.",
                     TRAINING_ROUTING_CAVEAT],
     }
-    from .docs import render_experiment
-
-    write_results(out, results, render_experiment(results))
+    write_results(out, results)
+    render_folder(out)
     return results

@@ -10,6 +10,11 @@ recipe with the dataset identified by its manifest's content, the DeepSpeed conf
 count), so experiments that ask for the same run share it (E2, E3, E5 and E6 reuse E1's runs).
 A run counts as finished when its `done.json` exists (written after the launcher returned 0);
 an unfinished folder is launched again and the trainer resumes from its last checkpoint.
+
+The recipes are read from a root folder (`Scale.root`, the CLI's --root: an mmoe-ds source checkout,
+by default the current directory) and the runs go wherever `out` says, so the package works
+installed as well as from the checkout. What a run measured is read by `measure`; the statistics are
+in `stats`; results.md and the figures are rendered from results.json by `render` and `plots`.
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -32,15 +37,30 @@ from mmoe_ds.config.launch_env import free_port
 from mmoe_ds.errors import ExperimentError
 from mmoe_ds.io.atomic import atomic_write_text
 
-REPO = Path(__file__).resolve().parents[2]
-MODES_DIR = REPO / "recipes" / "modes"
-SCALES_DIR = REPO / "recipes" / "experiments"
 SCALES = ("tiny", "cpu", "gpu")
-MODALITIES = ("image", "text")
-# Said by every experiment that reads routing from metrics.jsonl (the trainer's per-window statistics).
-TRAINING_ROUTING_CAVEAT = ("Routing is measured on training batches (the trainer's logged statistics), not on a held-out "
-                           "probe set, and there padding positions are routed and counted as text tokens (E3, E5 and "
-                           "`mmoe-ds analyze` measure on the test split without padding).")
+# Where the experiments' recipes are, relative to the root (a source checkout, `--root`).
+MODES = Path("recipes") / "modes"  # the routing recipes every run starts from
+SCALES_DIR = Path("recipes") / "experiments"  # one <scale>.json per scale
+
+
+def check_root(root: str | os.PathLike) -> Path:
+    """`root`, resolved, when it holds the experiments' recipes (recipes/modes/ and recipes/experiments/);
+    else an ExperimentError that says so in one line and names --root."""
+    root = Path(root).resolve()
+    missing = [f"{d}/" for d in (MODES, SCALES_DIR) if not (root / d).is_dir()]
+    if missing:
+        raise ExperimentError(f"--root {root}: no {' and no '.join(missing)} there; the experiments read their "
+                              "recipes from an mmoe-ds source checkout: run from it or pass --root CHECKOUT "
+                              "(results go to --out).")
+    return root
+
+
+def package_root() -> Path:
+    """The folder the running mmoe_ds package is imported from: put on the launched trainer's PYTHONPATH so
+    that it runs the same code (an installed package or a source tree), whatever the root."""
+    import mmoe_ds
+
+    return Path(mmoe_ds.__file__).resolve().parent.parent
 
 
 # The experiments' protocol version, recorded in every results.json: 2 = issue 17's (global balance only in
@@ -74,7 +94,7 @@ class Scale:
         name: tiny | cpu | gpu.
         procs: processes per run (`--num_gpus`); expert_parallel_size is set to it.
         parallel: runs launched at the same time.
-        ds_config: DeepSpeed config, relative to the repository.
+        ds_config: DeepSpeed config, relative to `root`.
         overrides: {"data", "model", "train"} laid over each routing recipe (router fields are kept).
         prepare: dataset name -> `mmoe-ds prepare` arguments (without --out).
         finetune_fraction: E5's fine-tuning steps as a fraction of train.steps.
@@ -85,6 +105,8 @@ class Scale:
             sweep, covariance, e2, e3, e5, e6.
         dataset_overrides: dataset name -> {"data", "model", "train"} overrides of every run on it (laid
             over the scale's, under the run's own), e.g. the covariance data's blind-router model settings.
+        root: the source checkout the scale was read from (absolute): the routing recipes and the
+            DeepSpeed config are read there, and runs are launched from it.
     """
 
     name: str
@@ -98,18 +120,22 @@ class Scale:
     sizes: dict = field(default_factory=dict)
     seed_counts: dict = field(default_factory=dict)
     dataset_overrides: dict = field(default_factory=dict)
+    root: Path = field(default_factory=Path.cwd)
 
     @classmethod
-    def load(cls, name: str, procs: int | None = None) -> "Scale":
-        """Read recipes/experiments/<name>.json; `procs` (e.g. the GPU count) replaces its process count."""
+    def load(cls, name: str, procs: int | None = None, root: str | os.PathLike = ".") -> "Scale":
+        """Read `root`/recipes/experiments/<name>.json (`check_root`); `procs` (e.g. the GPU count) replaces
+        its process count."""
         if name not in SCALES:
             raise ExperimentError(f"--scale {name!r}: choose one of {list(SCALES)}.")
-        raw = json.loads((SCALES_DIR / f"{name}.json").read_text())
+        root = check_root(root)
+        raw = json.loads((root / SCALES_DIR / f"{name}.json").read_text())
         scale = cls(name=name, procs=int(procs or raw["procs"]), parallel=int(raw["parallel"]),
                     ds_config=raw["ds_config"], overrides=raw["overrides"], prepare=raw["prepare"],
                     finetune_fraction=float(raw.get("finetune_fraction", 0.5)), description=raw.get("description", ""),
-                    sizes=dict(raw.get("sizes", {})), seed_counts={k: int(v) for k, v in raw.get("seed_counts", {}).items()},
-                    dataset_overrides=dict(raw.get("dataset_overrides", {})))
+                    sizes=dict(raw.get("sizes", {})),
+                    seed_counts={k: int(v) for k, v in raw.get("seed_counts", {}).items()},
+                    dataset_overrides=dict(raw.get("dataset_overrides", {})), root=root)
         if scale.procs < 1 or scale.parallel < 1:
             raise ExperimentError(f"recipes/experiments/{name}.json: procs and parallel must be >= 1.")
         return scale
@@ -130,7 +156,7 @@ class Scale:
 class RunSpec:
     """One training run: a routing recipe (path) + overrides + seed, on a named dataset."""
 
-    base: str  # path of a recipe JSON (e.g. recipes/modes/agnostic.json)
+    base: str  # path of a recipe JSON, relative to the scale's root (e.g. recipes/modes/agnostic.json)
     seed: int
     overrides: dict = field(default_factory=dict)
     dataset: str = "embedded"
@@ -141,12 +167,8 @@ class RunSpec:
 
 
 def mode_recipe(name: str) -> str:
-    """Path of recipes/modes/<name>.json (checked)."""
-    path = MODES_DIR / f"{name}.json"
-    if not path.exists():
-        raise ExperimentError(f"{path}: no such routing recipe; choose one of "
-                              f"{sorted(p.stem for p in MODES_DIR.glob('*.json'))}.")
-    return str(path)
+    """recipes/modes/<name>.json, relative to the root (a RunSpec's base; `Runner.base_recipe` reads it)."""
+    return str(MODES / f"{name}.json")
 
 
 @dataclass
@@ -197,7 +219,6 @@ class Runner:
         self._lock = threading.Lock()
         self.seen: dict[str, float] = {}  # run folder -> its training wall time (done.json), for every run used
 
-
     def tally(self) -> "Tally":
         """Mark the start of an experiment: its wall clock and this runner's launch / reuse counters."""
         return Tally(time.perf_counter(), self.launched, self.reused)
@@ -209,6 +230,7 @@ class Runner:
                 "seeds": list(seeds), "seconds": time.perf_counter() - since.seconds,
                 "runs_launched": self.launched - since.launched, "runs_reused": self.reused - since.reused,
                 "run_minutes": self.run_minutes()}
+
     def log(self, message: str) -> None:
         if self.verbose:
             print(f"[experiments] {message}", file=sys.stderr, flush=True)
@@ -217,7 +239,8 @@ class Runner:
     def dataset(self, name: str) -> Path:
         """The prepared dataset `name` of this scale (built once under out/_data/<scale>-<name>)."""
         if name not in self.scale.prepare:
-            raise ExperimentError(f"recipes/experiments/{self.scale.name}.json: no 'prepare' entry for dataset {name!r}.")
+            raise ExperimentError(f"recipes/experiments/{self.scale.name}.json: no 'prepare' entry for dataset "
+                                  f"{name!r}.")
         path = self.out / "_data" / f"{self.scale.name}-{name}"
         if not (path / "manifest.json").exists():
             from mmoe_ds.data.prepare import main as prepare
@@ -230,9 +253,20 @@ class Runner:
         return path
 
     # -- recipes -----------------------------------------------------------------------------------
+    def modes(self) -> list[str]:
+        """The routing recipes of the root (recipes/modes/*.json stems), sorted."""
+        return sorted(p.stem for p in (self.scale.root / MODES).glob("*.json"))
+
+    def base_recipe(self, base: str) -> dict:
+        """The recipe JSON at `base` (relative to the scale's root), checked to exist."""
+        path = self.scale.root / base
+        if not path.is_file():
+            raise ExperimentError(f"{path}: no such routing recipe; choose one of {self.modes()}.")
+        return json.loads(path.read_text())
+
     def recipe(self, spec: RunSpec) -> dict:
         """The effective recipe of `spec` (without output_dir): base, then the scale, then the spec's overrides."""
-        base = json.loads(Path(spec.base).read_text())
+        base = self.base_recipe(spec.base)
         recipe = deep_merge(deep_merge(deep_merge(base, self.scale.overrides),
                                        self.scale.dataset_overrides.get(spec.dataset, {})), spec.overrides)
         if recipe["train"].get("init_from"):  # the model is the folder's; only routing/loss fields may change
@@ -252,7 +286,7 @@ class Runner:
         init = identity["train"].get("init_from")
         if init:
             identity["train"]["init_from"] = _folder_digest(Path(init))
-        ds = json.loads((REPO / self.scale.ds_config).read_text())
+        ds = json.loads((self.scale.root / self.scale.ds_config).read_text())
         blob = json.dumps({"recipe": identity, "ds_config": ds, "procs": self.scale.procs}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -260,6 +294,11 @@ class Runner:
         return self.out / "_runs" / self.run_hash(self.recipe(spec))
 
     # -- launching ---------------------------------------------------------------------------------
+    def env(self) -> dict[str, str]:
+        """The launched processes' environment: one thread each, this mmoe_ds package first on PYTHONPATH."""
+        path = os.pathsep.join(p for p in (str(package_root()), os.environ.get("PYTHONPATH")) if p)
+        return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+
     def _launch(self, spec: RunSpec) -> Run:
         recipe = self.recipe(spec)
         folder = self.out / "_runs" / self.run_hash(recipe)
@@ -269,13 +308,14 @@ class Runner:
             recipe_path = folder / "recipe.json"
             atomic_write_text(recipe_path, json.dumps(recipe, indent=1) + "\n")
             cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(self.scale.procs),
-                   "--master_port", str(free_port()), "--module", "mmoe_ds.train", "--recipe", str(recipe_path.resolve()),
-                   "--deepspeed_config", str(REPO / self.scale.ds_config)]
-            env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+                   "--master_port", str(free_port()), "--module", "mmoe_ds.train",
+                   "--recipe", str(recipe_path.resolve()),
+                   "--deepspeed_config", str(self.scale.root / self.scale.ds_config)]
             self.log(f"train {spec.label or Path(spec.base).stem} seed {spec.seed} -> {folder}")
             tic = time.perf_counter()
             with open(folder / "launch.log", "ab") as log:
-                rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
+                rc = subprocess.run(cmd, cwd=self.scale.root, env=self.env(), stdout=log,
+                                    stderr=subprocess.STDOUT).returncode
             if rc != 0:
                 tail = (folder / "launch.log").read_text(errors="replace")[-3000:]
                 raise ExperimentError(f"training {spec.label or spec.base} seed {spec.seed} failed (exit {rc}); "
@@ -310,8 +350,7 @@ class Runner:
         out = run.dir / "export"
         if not (out / "config.json").exists():
             cmd = [sys.executable, "-m", "mmoe_ds.cli", "export", str(run.dir), str(out)]
-            done = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)),
-                                  capture_output=True, text=True)
+            done = subprocess.run(cmd, cwd=self.scale.root, env=self.env(), capture_output=True, text=True)
             if done.returncode != 0:
                 raise ExperimentError(f"{' '.join(cmd)} failed: {done.stderr.strip()[-2000:]}")
         return out
@@ -328,203 +367,13 @@ def _folder_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-# -- what a run measured -------------------------------------------------------------------------
-def routing_counts(run: Run, last_fraction: float = 0.2, key: str = "routed_per_expert") -> list[np.ndarray]:
-    """Per MoE layer, the [modality, expert] route counts summed over the last `last_fraction` of the
-    logged training windows (at least one) — the routing the run ended with, as trained."""
-    records = run.train_records
-    if not records:
-        raise ExperimentError(f"{run.dir}/metrics.jsonl: no training records.")
-    tail = records[-max(1, int(round(len(records) * last_fraction))):]
-    return counts_of(tail, key)
-
-
-def counts_of(records: Sequence[dict], key: str = "routed_per_expert") -> list[np.ndarray]:
-    """Per MoE layer, [modality, expert] sums of `key` over training records' routing."""
-    layers = len(records[0]["routing"])
-    return [np.array([[sum(r["routing"][layer][m][key][e] for r in records)
-                       for e in range(len(records[0]["routing"][layer][m][key]))] for m in MODALITIES], dtype=float)
-            for layer in range(layers)]
-
-
-def routing_summary(records: Sequence[dict]) -> dict[str, float]:
-    """Routing measures of training records (one window or several), averaged over MoE layers.
-
-    Returns: tv (0..1) and nmi (Miller-Madow I(M;E)/H(M)) of the routes chosen; per modality m:
-    drop_{m} (share of m's routes dropped by capacity), eff_{m} (effective experts exp H(E|m)),
-    share_{m} (m's share of the expert compute actually spent, i.e. of kept routes), entropy_{m}
-    (mean per-token router entropy, nats: lower = more confident); and tv_L{i} / nmi_L{i} per layer.
-    """
-    from mmoe_ds.analysis.metrics import effective_experts, nmi, total_variation
-
-    routed, kept = counts_of(records, "routed_per_expert"), counts_of(records, "kept_per_expert")
-    out: dict[str, float] = {}
-    tvs, nmis = [], []
-    for i, (r, k) in enumerate(zip(routed, kept)):
-        p = r / np.maximum(r.sum(1, keepdims=True), 1)
-        tvs.append(total_variation(p[0], p[1]) if (r.sum(1) > 0).all() else float("nan"))
-        nmis.append(nmi(r, miller_madow=True) if (r.sum(1) > 0).all() else float("nan"))
-        out[f"tv_L{i}"], out[f"nmi_L{i}"] = tvs[-1], nmis[-1]
-    out["tv"], out["nmi"] = float(np.mean(tvs)), float(np.mean(nmis))
-    total_kept = sum(k.sum() for k in kept)
-    for j, m in enumerate(MODALITIES):
-        r_m = sum(r[j].sum() for r in routed)
-        k_m = sum(k[j].sum() for k in kept)
-        out[f"drop_{m}"] = float(1 - k_m / r_m) if r_m else float("nan")
-        out[f"share_{m}"] = float(k_m / total_kept) if total_kept else float("nan")
-        out[f"eff_{m}"] = float(np.mean([effective_experts(r[j] / r[j].sum()) for r in routed if r[j].sum() > 0]))
-        tokens = sum(rec["routing"][layer][m]["tokens"] for rec in records for layer in range(len(routed)))
-        ent = sum(rec["routing"][layer][m]["entropy"] * rec["routing"][layer][m]["tokens"]
-                  for rec in records for layer in range(len(routed)))
-        out[f"entropy_{m}"] = float(ent / tokens) if tokens else float("nan")
-    return out
-
-
-def run_metrics(run: Run, last_fraction: float = 0.2) -> dict[str, float]:
-    """Final evaluation (caption_rank_acc, caption_loss, text_ppl, retrieval_r1 when measured) and the
-    routing summary of the last `last_fraction` of training windows."""
-    records = run.train_records
-    tail = records[-max(1, int(round(len(records) * last_fraction))):]
-    final = run.final_eval()
-    out = {k: float(final[k]) for k in ("caption_rank_acc", "caption_loss", "text_ppl", "retrieval_r1") if k in final}
-    out.update(chance_levels(run))
-    out.update(routing_summary(tail))
-    return out
-
-
-def vocab_size(data_dir: str | os.PathLike) -> int:
-    """Tokens of a prepared dataset's tokenizer (its processor/tokenizer.json: vocabulary + added tokens)."""
-    tok = json.loads((Path(data_dir) / "processor" / "tokenizer.json").read_text())
-    vocab = tok["model"]["vocab"]
-    return len(vocab) + sum(1 for t in tok.get("added_tokens", []) if t["content"] not in vocab)
-
-
-def chance_levels(run: Run) -> dict[str, float]:
-    """The chance level of each quality readout of `run`'s final evaluation, as chance_<metric>:
-    caption ranking: 1 / classes (the evaluator's caption_rank_chance); retrieval R@1: 1 / candidates;
-    caption loss: ln V and text perplexity: V (a uniform guess over the V tokens)."""
-    final = run.final_eval()
-    out = {}
-    if "caption_rank_chance" in final:
-        out["chance_caption_rank_acc"] = float(final["caption_rank_chance"])
-    if final.get("retrieval_candidates"):
-        out["chance_retrieval_r1"] = 1.0 / float(final["retrieval_candidates"])
-    data_dir = run.recipe.get("data", {}).get("dir")
-    if data_dir and (Path(data_dir) / "processor" / "tokenizer.json").exists():
-        v = vocab_size(data_dir)
-        out["chance_caption_loss"], out["chance_text_ppl"] = float(np.log(v)), float(v)
-    return out
-
-
-# Quality readouts: metric -> (higher is, name); their chance levels are run_metrics' chance_<metric>.
-QUALITY = {"caption_loss": ("worse", "caption loss"), "caption_rank_acc": ("better", "caption ranking accuracy"),
-           "retrieval_r1": ("better", "retrieval R@1"), "text_ppl": ("worse", "text perplexity")}
-
-
-# -- summaries over seeds ------------------------------------------------------------------------
-def summarize(values: Sequence[float]) -> dict:
-    """{"mean", "ci95" (half-width of the 95% t interval; None for one seed), "n", "values"}."""
-    from mmoe_ds.analysis.metrics import mean_ci95
-
-    vals = [float(v) for v in values]
-    if not vals:
-        raise ExperimentError("summarize: no values.")
-    if len(vals) == 1 or any(np.isnan(vals)):
-        return {"mean": float(np.mean(vals)), "ci95": None, "n": len(vals), "values": vals}
-    s = mean_ci95(vals)
-    return {"mean": s.mean, "ci95": s.half_width, "n": s.n, "values": vals}
-
-
-ALPHA = 0.05  # two-sided level of every interval and test
-POWER = 0.8  # the power at which the smallest detectable difference is stated
-
-
-def paired_t(diffs: Sequence[float]) -> dict:
-    """Paired t statistics of per-seed differences: {"p" (two-sided), "sd", "mdd"}; mdd is the smallest
-    true mean difference a two-sided paired t-test at ALPHA detects with POWER at this n and the
-    observed SD: (t_{1-α/2, n-1} + t_{POWER, n-1}) · sd / √n (None below 2 seeds)."""
-    from scipy import stats
-
-    d = np.asarray(diffs, dtype=float)
-    n = d.size
-    if n < 2 or not np.all(np.isfinite(d)):
-        return {"p": None, "sd": None, "mdd": None}
-    sd = float(d.std(ddof=1))
-    t_a, t_b = stats.t.ppf(1 - ALPHA / 2, n - 1), stats.t.ppf(POWER, n - 1)
-    if sd == 0:
-        p = 1.0 if d.mean() == 0 else 0.0
-    else:
-        p = float(2 * stats.t.sf(abs(d.mean()) / (sd / np.sqrt(n)), n - 1))
-    return {"p": p, "sd": sd, "mdd": float((t_a + t_b) * sd / np.sqrt(n))}
-
-
-def welch_half_width(a: Sequence[float], b: Sequence[float]) -> float | None:
-    """Half-width of the unpaired (Welch) 95% interval of mean(a) - mean(b): what the same seeds would
-    give without pairing, shown beside the paired one (pairing pays when it is much smaller)."""
-    from scipy import stats
-
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if a.size < 2 or b.size < 2:
-        return None
-    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
-    se = np.sqrt(va + vb)
-    if se == 0:
-        return 0.0
-    dof = se ** 4 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1))
-    return float(stats.t.ppf(1 - ALPHA / 2, dof) * se)
-
-
-def contrast(name: str, metric: str, a_label: str, a: Mapping[int, float], b_label: str, b: Mapping[int, float],
-             higher_is: str = "better", chance: float | None = None, primary: bool = False,
-             target_half_width: float | None = None) -> dict:
-    """A comparison paired by seed: per-seed differences a[s] - b[s], summarized with a 95% CI.
-
-    Args:
-        name: what is compared, said in the docs.
-        metric: the metric's name.
-        a_label, b_label: the two arms; a, b: {seed: value}; both arms must have the same seeds.
-        higher_is: "better", "worse" or "neutral" (how the docs phrase a difference).
-        chance: the metric's chance level (quality readouts): the docs say "cannot tell" when an arm
-            is not above it.
-        primary: the experiment's one pre-declared contrast (judged by its CI; the others are judged
-            after Holm's correction, `holm`).
-        target_half_width: for the primary contrast, the half-width its seeds were chosen to reach.
-    """
-    if set(a) != set(b):
-        raise ExperimentError(f"contrast {name}: seeds {sorted(a)} vs {sorted(b)}; pair them by seed.")
-    seeds = sorted(a)
-    va, vb = [float(a[s]) for s in seeds], [float(b[s]) for s in seeds]
-    diffs = [x - y for x, y in zip(va, vb)]
-    return {"name": name, "metric": metric, "a": a_label, "b": b_label, "higher_is": higher_is, "seeds": seeds,
-            "a_summary": summarize(va), "b_summary": summarize(vb), "diff": summarize(diffs),
-            "test": paired_t(diffs), "unpaired_ci95": welch_half_width(va, vb), "chance": chance,
-            "primary": primary, "target_half_width": target_half_width}
-
-
-def holm(contrasts: list[dict]) -> list[dict]:
-    """Holm's step-down adjustment of the paired-t p-values of the non-primary contrasts (in place,
-    as test["p_holm"]); the primary contrast keeps its own level. Returns `contrasts`."""
-    rest = [c for c in contrasts if not c.get("primary") and c["test"]["p"] is not None]
-    order = sorted(rest, key=lambda c: c["test"]["p"])
-    running = 0.0
-    for i, c in enumerate(order):
-        running = max(running, min(1.0, (len(order) - i) * c["test"]["p"]))
-        c["test"]["p_holm"] = running
-    return contrasts
-
-
-def by_seed(seeds: Sequence[int], values: Sequence[float]) -> dict[int, float]:
-    """{seed: value} from two parallel sequences."""
-    if len(seeds) != len(values):
-        raise ExperimentError(f"by_seed: {len(seeds)} seeds for {len(values)} values.")
-    return {int(s): float(v) for s, v in zip(seeds, values)}
-
-
-def write_results(out: Path, results: dict, markdown: str) -> None:
-    """results.json and results.md in `out`, atomically."""
+def write_results(out: Path, results: dict) -> Path:
+    """`out`/results.json, atomically (numpy scalars and arrays as JSON numbers and lists); returns its path.
+    The experiment's results.md and figures are rendered from this file (`render.render_folder`)."""
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "results.json", json.dumps(results, indent=1, default=_json_default) + "\n")
-    atomic_write_text(out / "results.md", markdown)
+    path = out / "results.json"
+    atomic_write_text(path, json.dumps(results, indent=1, default=_json_default) + "\n")
+    return path
 
 
 def _json_default(o: Any):
@@ -533,40 +382,6 @@ def _json_default(o: Any):
     if isinstance(o, np.ndarray):
         return o.tolist()
     raise TypeError(f"not JSON serializable: {type(o).__name__}")
-
-
-def save_figure(fig, path: Path) -> str:
-    """Save a matplotlib figure atomically as PNG; returns the file name."""
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path.name
-
-
-def bar_panel(ax, labels: Sequence[str], summaries: Sequence[dict], ylabel: str, colors=None) -> None:
-    """Bars of means with 95% CI error bars (none for a single seed) and the per-seed values as dots."""
-    x = np.arange(len(labels))
-    means = [s["mean"] for s in summaries]
-    errs = [s["ci95"] or 0.0 for s in summaries]
-    ax.bar(x, means, yerr=errs, capsize=3, color=colors or "#4c72b0", alpha=0.85)
-    for i, s in enumerate(summaries):
-        ax.plot([i] * len(s["values"]), s["values"], "k.", ms=3)
-    ax.set_xticks(x, labels, fontsize=7, rotation=30, ha="right")
-    ax.set_ylabel(ylabel, fontsize=8)
-
-
-def new_figure(ncols: int, nrows: int = 1, width: float = 4.2, height: float = 3.4):
-    """A matplotlib figure (Agg backend) with an nrows x ncols grid of axes (always 2-D)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
 
 
 def experiment_command(exp_id: str, seeds: Sequence[int], scale: Scale) -> str:

@@ -39,12 +39,14 @@ class MmoeCausalLMOutput(MoeCausalLMOutputWithPast):
 
 
 class RMSNorm(nn.Module):
+    """RMS layer norm (Llama's): x / rms(x) * weight, computed in fp32."""
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
+        """Normalise `x` [..., D] over its last dimension."""
         x32 = x.float()
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
@@ -121,6 +123,7 @@ def positions_from_mask(attention_mask: Tensor | None, past: int, length: int, d
 
 
 def rotate_half(x: Tensor) -> Tensor:
+    """Rotate the two halves of the last dimension (rotary embeddings)."""
     x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
     return torch.cat((-x2, x1), dim=-1)
 
@@ -148,6 +151,7 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor, cache: DynamicCache | None,
                 rotary: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Causal self-attention of `x` [B, L, D] under `mask`, appending to `cache` when given."""
         B, L, _ = x.shape
         H, KV, hd = self.num_heads, self.num_kv_heads, self.head_dim
         if KV == H:
@@ -168,6 +172,7 @@ class Attention(nn.Module):
 
 
 def make_moe_block(config: MmoeConfig) -> nn.Module:
+    """The MoE block of `config.moe_backend`: TorchMoE, DeepSpeed's layer or DroplessMoE."""
     if config.moe_backend == "deepspeed":
         # Imported by name: only training needs DeepSpeed, and an exported model (backend "torch")
         # ships without this module.
@@ -180,6 +185,7 @@ def make_moe_block(config: MmoeConfig) -> nn.Module:
 
 
 class DecoderLayer(nn.Module):
+    """One decoder layer: attention, then the MoE block (or a dense FFN) with pre-norm residuals."""
     def __init__(self, config: MmoeConfig, layer_idx: int):
         super().__init__()
         self.attn_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -188,16 +194,18 @@ class DecoderLayer(nn.Module):
         self.is_moe = config.is_moe_layer(layer_idx)
         self.ffn = make_moe_block(config) if self.is_moe else ExpertFFN(config.hidden_size, config.intermediate_size)
 
-    def forward(self, x, modality_ids, mask, cache, rotary=None):
+    def forward(self, x, modality_ids, mask, cache, rotary=None, token_mask=None):
+        """Run the layer; returns (hidden states, the MoE block's output or None)."""
         x = x + self.attn(self.attn_norm(x), mask, cache, rotary)
         h = self.ffn_norm(x)
         if not self.is_moe:
             return x + self.ffn(h), None
-        moe = self.ffn(h, modality_ids)
+        moe = self.ffn(h, modality_ids, token_mask)  # token_mask: padding is routed but not counted
         return x + moe.hidden_states, moe
 
 
 class MmoePreTrainedModel(PreTrainedModel):
+    """HF base class: config class, weight initialisation (experts seeded by global id), loading hooks."""
     config_class = MmoeConfig
     base_model_prefix = "model"
     _no_split_modules = ["DecoderLayer"]
@@ -229,12 +237,13 @@ class MmoePreTrainedModel(PreTrainedModel):
             experts = layer.ffn.deepspeed_moe.experts.deepspeed_experts
             for local_id, expert in enumerate(experts):
                 global_id = ep_rank * len(experts) + local_id
-                g = torch.Generator().manual_seed(self.config.expert_init_seed * 1_000_003 + layer_idx * 1009 + global_id)
+                g = torch.Generator().manual_seed(self.config.expert_init_seed * 1_000_003 + layer_idx * 1009 + global_id)  # noqa: E501
                 for p in expert.parameters():
                     p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
 class MmoeModel(MmoePreTrainedModel):
+    """The decoder stack: embeddings (text and image patches or a vision tower), layers and the final norm."""
     def __init__(self, config: MmoeConfig):
         super().__init__(config)
         d = config.hidden_size
@@ -257,6 +266,7 @@ class MmoeModel(MmoePreTrainedModel):
 
     def embed(self, input_ids: Tensor, pixel_patches: Tensor | None, modality_ids: Tensor,
               pixel_values: Tensor | None = None) -> Tensor:
+        """Token embeddings with the image positions replaced by projected image features."""
         h = self.embed_tokens(input_ids)
         image_positions = modality_ids == IMAGE
         if self.vision is not None:
@@ -311,6 +321,7 @@ class MmoeModel(MmoePreTrainedModel):
 
     def forward(self, input_ids, pixel_patches=None, attention_mask=None, modality_ids=None,
                 past_key_values=None, use_cache=None, pixel_values=None, position_ids=None, **_):
+        """Run the decoder; returns hidden states, the cache and each MoE layer's routing output."""
         B, L = input_ids.shape
         if modality_ids is None:
             modality_ids = torch.where(input_ids == self.config.image_token_id, IMAGE, TEXT)
@@ -334,15 +345,17 @@ class MmoeModel(MmoePreTrainedModel):
         else:
             rotary = self.rotary(positions, h.dtype)
         mask = self.attention_mask_for(L, past, attention_mask, h.device)
+        token_mask = None if attention_mask is None else attention_mask[:, -L:]  # these positions' columns
         moe_outputs = []
         for layer in self.layers:
-            h, moe = layer(h, modality_ids, mask, past_key_values if use_cache else None, rotary)
+            h, moe = layer(h, modality_ids, mask, past_key_values if use_cache else None, rotary, token_mask)
             if moe is not None:
                 moe_outputs.append(moe)
         return self.norm(h), moe_outputs, (past_key_values if use_cache else None)
 
 
 class MmoeForCausalLM(MmoePreTrainedModel, GenerationMixin):
+    """The multimodal MoE language model with its LM head: loss = text loss + aux loss + image loss."""
     # Tied only when config.tie_word_embeddings (transformers' rule): the LM head is the input embedding.
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -355,9 +368,11 @@ class MmoeForCausalLM(MmoePreTrainedModel, GenerationMixin):
         self.init_experts_by_global_id()
 
     def get_input_embeddings(self) -> nn.Embedding:
+        """The token embedding table (HF API)."""
         return self.model.embed_tokens
 
     def get_output_embeddings(self) -> nn.Linear:
+        """The LM head (HF API)."""
         return self.lm_head
 
     def forward(self, input_ids, pixel_patches=None, attention_mask=None, modality_ids=None, labels=None,
@@ -375,7 +390,7 @@ class MmoeForCausalLM(MmoePreTrainedModel, GenerationMixin):
         aux = torch.stack([m.aux_loss for m in moe_outputs]).mean() if moe_outputs else None
         loss = text_loss = image_loss = None
         if labels is not None:
-            text_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            text_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)  # noqa: E501
             loss = text_loss
             if aux is not None:
                 loss = loss + self.config.router_aux_loss_coef * aux

@@ -179,13 +179,13 @@ class DroplessMoE(MoE):
         self.deepspeed_moe.experts = LocalExperts(self.num_local_experts, hidden_size, intermediate_size,
                                                   self.expert_group_name)
 
-    def forward(self, hidden_states: Tensor, modality_ids: Tensor) -> MoEOutput:
+    def forward(self, hidden_states: Tensor, modality_ids: Tensor, token_mask: Tensor | None = None) -> MoEOutput:
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
         moe = self.deepspeed_moe
         if self.ep_size > 1 and moe.ep_group is None:
             raise RuntimeError("DroplessMoE: no expert-parallel group; call set_deepspeed_parallelism() or build the "
                                "model inside deepspeed.initialize.")
-        routing = moe.gate.route(x, modality_ids, slots=False)
+        routing = moe.gate.route(x, modality_ids, slots=False, token_mask=token_mask)
         out = dropless_dispatch(x, routing, moe.experts, self.ep_size, moe.ep_group, self.fused,
                                 uniform_k=len(set(self.cfg.top_k_per_modality)) == 1)
         return MoEOutput(out.view_as(hidden_states), routing.aux_loss, routing)

@@ -57,7 +57,11 @@ class _GateAndExperts(nn.Module):
 
 
 class TorchMoE(nn.Module):
-    """MoE FFN block: forward(hidden_states [..., d], modality_ids [...]) -> MoEOutput."""
+    """MoE FFN block: forward(hidden_states [..., d], modality_ids [...], token_mask [...] | None) -> MoEOutput.
+
+    `token_mask` (nonzero = real token, e.g. the attention mask) only keeps padding out of the routing
+    statistics; the routing itself is the same with or without it.
+    """
 
     def __init__(self, cfg: RouterConfig, hidden_size: int, intermediate_size: int, use_grouped: bool = True):
         super().__init__()
@@ -67,9 +71,9 @@ class TorchMoE(nn.Module):
         self.deepspeed_moe = _GateAndExperts(ModalityRouter(cfg, hidden_size),
                                              LocalExperts(cfg.num_experts, hidden_size, intermediate_size))
 
-    def forward(self, hidden_states: Tensor, modality_ids: Tensor) -> MoEOutput:
+    def forward(self, hidden_states: Tensor, modality_ids: Tensor, token_mask: Tensor | None = None) -> MoEOutput:
         x = hidden_states.reshape(-1, hidden_states.shape[-1])
-        routing = self.deepspeed_moe.gate(x, modality_ids)  # a module call: hooks and offload see it
+        routing = self.deepspeed_moe.gate(x, modality_ids, token_mask)  # a module call: hooks and offload see it
         cfg = self.cfg
         every_route_kept = not cfg.drop_tokens and len(set(cfg.top_k_per_modality)) == 1
         out = combine_routes(x, routing, self.deepspeed_moe.experts, self.use_grouped,

@@ -30,8 +30,8 @@ from ..errors import IncompleteCheckpointError
 from ..io.atomic import atomic_open, atomic_write_text
 from ..io.safe_load import RNG_STATE_GLOBALS, SafeLoadCheckpointEngine, deepspeed_globals, safe_torch_load
 
-__all__ = ["IncompleteCheckpointError", "atomic_write_text", "checkpoint_dir", "latest_tag", "resume", "rng_state",
-           "save", "set_rng_state", "verify_tag"]
+__all__ = ["Checkpointer", "IncompleteCheckpointError", "atomic_write_text", "checkpoint_dir", "latest_tag", "resume",
+           "rng_state", "save", "set_rng_state", "verify_tag"]
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
 
@@ -187,3 +187,45 @@ def load_checkpoint_weights_only(engine, ckpt_dir: Path, tag: str, same_layout: 
                                load_optimizer_states=same_layout, load_lr_scheduler_states=same_layout)
     finally:
         engine.checkpoint_engine = inner
+
+
+class Checkpointer:
+    """The run's checkpoints, as the trainer uses them: `resume` the latest (weights, optimizer, loader
+    position, RNG), `save` at a step (collective), `record_eval` of a saved step (rank 0).
+
+    Args:
+        engine: the DeepSpeed engine whose state is saved and loaded.
+        output_dir: the run's folder (checkpoints under `output_dir/checkpoints`).
+        meta: what every tag's meta.json holds besides step, tag, files and metrics (ep_size,
+            world_size, model_config, processor_dir, report_dir, recipe).
+        loader: the training loader whose position each rank saves and restores.
+        keep_last: how many tags to keep.
+    """
+
+    def __init__(self, engine, output_dir: str | os.PathLike, meta: dict, loader, keep_last: int):
+        self.engine, self.output_dir, self.meta = engine, Path(output_dir), meta
+        self.loader, self.keep_last = loader, keep_last
+
+    def resume(self) -> dict | None:
+        """Collective: load the latest complete checkpoint; the loader position and RNG states are
+        restored too when the world size is the one it was written at. Returns its meta (None: none)."""
+        resumed = resume(self.engine, str(self.output_dir), self.meta["ep_size"], self.meta["world_size"])
+        if resumed is None:
+            return None
+        meta, rank_state = resumed
+        if rank_state is not None:
+            self.loader.load_state_dict(rank_state["loader"])
+            set_rng_state(rank_state["rng"])
+        return meta
+
+    def save(self, step: int, metrics: dict) -> str:
+        """Collective: save `step` with `metrics` (the last evaluation's) in its meta.json; returns the tag."""
+        rank_state = {"loader": self.loader.state_dict(), "rng": rng_state()}
+        return save(self.engine, str(self.output_dir), step, dict(self.meta, metrics=metrics), rank_state,
+                    self.keep_last)
+
+    def record_eval(self, tag: str, metrics: dict) -> None:
+        """The evaluation of a checkpoint's own step, in its meta.json (the export's model card shows it)."""
+        meta_path = checkpoint_dir(self.output_dir) / tag / "meta.json"
+        meta = json.loads(meta_path.read_text())
+        atomic_write_text(meta_path, json.dumps(dict(meta, metrics=metrics), indent=1))

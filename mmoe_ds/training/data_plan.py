@@ -15,10 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..config.recipe import EVAL_METRICS, SAMPLE_KINDS, DataSection
+from ..config.recipe import EVAL_METRICS, DataSection
 from ..data.captions import CLASS_NAMES
-from ..data.loader import BalancedLoader, LoaderConfig, shard_kinds, shard_location
+from ..data.loader import BalancedLoader, LoaderConfig, shard_location
+from ..data.manifest import has_manifest, read_manifest, sample_counts, shard_kinds
 from ..data.processor import MmoeProcessor
+from ..data.schema import SAMPLE_KINDS
 from ..data.shards import decode, iter_raw
 from ..errors import ConfigError
 
@@ -51,26 +53,13 @@ def missing_dataset(data: DataSection) -> str:
 
 def ensure_dataset(data: DataSection) -> None:
     """Build the embedded dataset at `data.dir` if it is missing and the recipe allows it."""
-    if (Path(data.dir) / "manifest.json").exists():
+    if has_manifest(data.dir):
         return
     if not builds_embedded(data):
         raise ConfigError(missing_dataset(data))
     from ..data.prepare import main as prepare
 
     prepare(["--source", "embedded", "--out", data.dir, "--max-length", str(data.max_length)])
-
-
-def read_manifest(data_dir: str) -> dict:
-    return json.loads((Path(data_dir) / "manifest.json").read_text())
-
-
-def sample_counts(manifest: dict) -> Counter:
-    """(split, kind) -> samples, from the manifest's shard list."""
-    counts: Counter = Counter()
-    for info in manifest["shards"].values():
-        for kind, n in shard_kinds(info).items():
-            counts[(info["split"], kind)] += n
-    return counts
 
 
 def _test_pair_shards(manifest: dict, source: str | None = None) -> list[tuple[str, dict]]:
@@ -179,7 +168,7 @@ def check_data(data: DataSection, world_size: int) -> DataCheck:
         `data.eval_metrics` lists, if it lists any).
     """
     where = data.dir
-    if not (Path(where) / "manifest.json").exists():
+    if not has_manifest(where):
         if builds_embedded(data):
             return DataCheck([], None, f"data: {where} is not prepared yet; the run builds the embedded dataset there "
                                        f"first (data.prepare_if_missing), which serves every kind and metric")
@@ -231,7 +220,8 @@ def load_processor(data: DataSection, directory: str | Path | None = None) -> Mm
     """The processor a run encodes with: the one saved in `directory` (a `train.init_from` folder that
     has one), else the prepared dataset's; `data.max_length` and `data.max_caption_bytes` (the text
     bound, the loader's) apply either way."""
-    processor = MmoeProcessor.from_pretrained(Path(directory) if directory is not None else Path(data.dir) / "processor")
+    processor = MmoeProcessor.from_pretrained(Path(directory) if directory is not None
+                                              else Path(data.dir) / "processor")
     processor.max_text_bytes = data.max_caption_bytes
     try:
         processor.max_length = data.max_length

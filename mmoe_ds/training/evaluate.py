@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from ..config.recipe import DataSection
 from ..data.captions import class_captions
 from ..moe.router import RoutingStats
 from .data_plan import EvalPlan, make_eval_loader, sample_test_set
@@ -85,13 +86,39 @@ def class_rank_set(data_dir: str, source: str, n: int, seed: int) -> ScoringSet:
     return ScoringSet([s.image for s in samples], [s.label for s in samples], class_captions(source))
 
 
+def model_inputs(batch: dict, device) -> dict:
+    """The model's inputs of a loader batch on `device` (image patches, or pixel values for a vision tower)."""
+    keep = ("input_ids", "attention_mask", "labels", "modality_ids", "pixel_patches", "pixel_values")
+    return {k: batch[k].to(device) for k in keep if k in batch}
+
+
 class Evaluator:
-    """Evaluation of a `Trainer` (engine, processor, rank, world size) under an `EvalPlan`."""
+    """This rank's share of the held-out evaluation of a model under an `EvalPlan`.
+
+    Args:
+        model: what runs the forward passes: the DeepSpeed engine (its `.module` scores captions) or
+            an `MmoeForCausalLM`.
+        processor: the run's `MmoeProcessor` (encodes the scoring pairs, collates them).
+        data: the recipe's data section (where the held-out splits are, how much to evaluate).
+        plan: what the data serves (`check_data(...).plan`).
+        seed: the run's seed (`train.seed`): the same held-out samples at every evaluation.
+        rank, world_size: this process's share of the queries and batches.
+        dist: sums the routing statistics over ranks in `finish` (`torch.distributed`); None in a
+            single process.
+        device: where batches go (the engine's device).
+        run_name: the routing report's title after the router mode (the recipe's file name).
+        log: where notes go (rank 0's log); by default nowhere.
+        images_per_forward: query images scored per forward pass.
+    """
 
     num_sums = len(SUM_NAMES)  # length of what `forward` returns
 
-    def __init__(self, trainer, plan: EvalPlan, images_per_forward: int = 4):
-        self.trainer, self.plan, self.images_per_forward = trainer, plan, images_per_forward
+    def __init__(self, model, processor, data: DataSection, plan: EvalPlan, *, seed: int, rank: int = 0,
+                 world_size: int = 1, dist=None, device: torch.device | str = "cpu", run_name: str = "",
+                 log: Callable[[str], None] | None = None, images_per_forward: int = 4):
+        self.model, self.processor, self.data, self.plan, self.seed = model, processor, data, plan, seed
+        self.rank, self.world_size, self.dist, self.device = rank, world_size, dist, torch.device(device)
+        self.run_name, self.log, self.images_per_forward = run_name, log or (lambda message: None), images_per_forward
         self.stats: list[RoutingStats] | None = None  # of the evaluation in progress
         self.report_stats: list[RoutingStats] | None = None  # of the last completed one
         self.retrieval: ScoringSet | None = None  # this rank's share
@@ -101,21 +128,25 @@ class Evaluator:
         self._built = False
         self._verified: set[str] = set()  # kinds whose validation shards passed the sha256 check
 
+    @property
+    def module(self):
+        """The model itself (the engine's `.module`)."""
+        return getattr(self.model, "module", self.model)
+
     # -- phase 1: local --------------------------------------------------------------------------
     def _build_sets(self) -> None:
-        t, data = self.trainer, self.trainer.recipe.data
-        seed = t.recipe.train.seed
+        data = self.data
         if self.plan.retrieval:
-            full = retrieval_set(data.dir, data.retrieval_candidates, seed)
-            self.retrieval = full.rank_slice(t.rank, t.world_size)
+            full = retrieval_set(data.dir, data.retrieval_candidates, self.seed)
+            self.retrieval = full.rank_slice(self.rank, self.world_size)
             if not self.retrieval.images:
-                t.log(f"retrieval left out: only {len(full.candidates)} distinct test captions for {t.world_size} "
-                      f"processes")
+                self.log(f"retrieval left out: only {len(full.candidates)} distinct test captions for "
+                         f"{self.world_size} processes")
                 self.retrieval = None
         if self.plan.class_rank_source is not None:
-            per_rank = data.ranking_images // t.world_size
-            full = class_rank_set(data.dir, self.plan.class_rank_source, per_rank * t.world_size, seed)
-            self.ranking = full.rank_slice(t.rank, t.world_size)
+            per_rank = data.ranking_images // self.world_size
+            full = class_rank_set(data.dir, self.plan.class_rank_source, per_rank * self.world_size, self.seed)
+            self.ranking = full.rank_slice(self.rank, self.world_size)
         for name, scoring in (("retrieval", self.retrieval), ("ranking", self.ranking)):
             if scoring is not None:  # encoded here, so that the forward phase has nothing left to fail on
                 self.encoded[name] = [self._encode_pairs(image, scoring.candidates) for image in scoring.images]
@@ -123,23 +154,22 @@ class Evaluator:
 
     def _encode_pairs(self, image, captions: Sequence[str]) -> list[dict]:
         """The image paired with every caption; the pairs share one patch array (memory: one per image)."""
-        pairs = [self.trainer.processor.encode(image, caption) for caption in captions]
+        pairs = [self.processor.encode(image, caption) for caption in captions]
         for pair in pairs[1:]:
             pair["patches"] = pairs[0]["patches"]
         return pairs
 
     def prepare(self, step: int) -> None:
         """Read this evaluation's data (no collectives): scoring sets once, loss batches each time."""
-        t = self.trainer
         if not self._built:
             self._build_sets()
         self.batches = {}
         for on, kind in ((self.plan.caption_loss, "image_text"), (self.plan.text_ppl, "text")):
             if on:
-                loader = make_eval_loader(t.recipe.data, t.processor, kind, t.rank, t.world_size, t.recipe.train.seed,
+                loader = make_eval_loader(self.data, self.processor, kind, self.rank, self.world_size, self.seed,
                                           verify=kind not in self._verified)
                 self._verified.add(kind)
-                self.batches[kind] = [batch for _, batch in zip(range(t.recipe.data.eval_batches), loader)]
+                self.batches[kind] = [batch for _, batch in zip(range(self.data.eval_batches), loader)]
 
     # -- phase 2: forward passes (the same number on every rank) --------------------------------------
     def _add_stats(self, stats: list[RoutingStats]) -> None:
@@ -147,11 +177,10 @@ class Evaluator:
 
     def _loss_sums(self, kind: str) -> tuple[float, float]:
         """(sum of text CE over labelled tokens, number of labelled tokens) on this rank."""
-        t = self.trainer
         total, count = 0.0, 0.0
         for batch in self.batches.get(kind, []):
-            batch = t.to_device(batch)
-            out = t.engine(**batch)
+            batch = model_inputs(batch, self.device)
+            out = self.model(**batch)
             n = float((batch["labels"][:, 1:] != -100).sum())
             total += out.text_loss.item() * n
             count += n
@@ -161,17 +190,15 @@ class Evaluator:
     def score(self, queries: Sequence[list[dict]], captions: Sequence[str]) -> torch.Tensor:
         """[queries, captions] log-likelihood of each caption given each query image (queries:
         per image, its pairing with every caption, encoded by the processor in `prepare`)."""
-        t = self.trainer
-        batch = t.to_device(t.processor.collate([pair for pairs in queries for pair in pairs]))
-        scores = t.engine.module.caption_scores(batch["input_ids"], batch.get("pixel_patches"), batch["attention_mask"],
-                                                batch["labels"], pixel_values=batch.get("pixel_values"))
+        batch = model_inputs(self.processor.collate([pair for pairs in queries for pair in pairs]), self.device)
+        scores = self.module.caption_scores(batch["input_ids"], batch.get("pixel_patches"), batch["attention_mask"],
+                                            batch["labels"], pixel_values=batch.get("pixel_values"))
         return scores.view(len(queries), len(captions))
 
     @torch.no_grad()
     def forward(self, step: int) -> list[float]:
         """This rank's sums, in SUM_NAMES order."""
-        t = self.trainer
-        t.engine.eval()
+        self.model.eval()
         self.stats = None
         try:
             sums = [*self._loss_sums("image_text"), *self._loss_sums("text")]
@@ -184,20 +211,15 @@ class Evaluator:
                                       self.images_per_forward), float(len(c.images))]
                      if c is not None else [0.0, 0.0])
         finally:
-            t.engine.train()
+            self.model.train()
         return [float(v) for v in sums]
 
     # -- phase 3: over ranks -----------------------------------------------------------------------
     def finish(self, totals: Sequence[float]) -> dict:
         """Metrics from the sums over ranks (collective: routing statistics are summed too)."""
-        t = self.trainer
-        for s in self.stats or []:  # sum counts over ranks; entropy as a token-weighted mean
-            entropy_sum = s.entropy * s.tokens
-            for tensor in (s.tokens, s.routed, s.kept, entropy_sum):
-                t.dist.all_reduce(tensor)
-            s.entropy = entropy_sum / s.tokens.clamp(min=1)
-        if self.stats is not None:
-            self.report_stats = self.stats
+        if self.stats is not None:  # counts summed over ranks; entropy as a token-weighted mean
+            self.report_stats = self.stats if self.dist is None else \
+                RoutingStats.sum_over_ranks(self.stats, self.dist.all_reduce)
         v = dict(zip(SUM_NAMES, totals))
         metrics = {}
         if self.plan.caption_loss:
@@ -214,11 +236,12 @@ class Evaluator:
                            caption_rank_chance=1.0 / len(self.ranking.candidates))
         return metrics
 
-    def write_report(self, out_dir: Path):
-        t = self.trainer
-        if t.rank != 0 or self.report_stats is None:
+    def write_report(self, out_dir: Path) -> list[Path]:
+        """Rank 0: the routing report of the last completed evaluation (PNG + markdown); [] elsewhere."""
+        if self.rank != 0 or self.report_stats is None:
             return []
-        moe_layers = [i for i in range(t.model_config.num_hidden_layers) if t.model_config.is_moe_layer(i)]
-        mode = t.model_config.router_config().mode
-        return list(write_routing_report(self.report_stats, moe_layers, t.model_config.router_config().modalities,
-                                         out_dir, title=f"{mode}, {Path(t.recipe.path).name}"))
+        config = self.module.config
+        moe_layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+        router = config.router_config()
+        return list(write_routing_report(self.report_stats, moe_layers, router.modalities, out_dir,
+                                         title=f"{router.mode}, {self.run_name}"))

@@ -20,10 +20,11 @@ from ..config.launch_env import deepspeed_config_path, map_slurm_env
 from ..errors import ConfigError
 from .checks import load_and_validate
 from .teardown import exit_process
-from .trainer import Trainer
+from .trainer import build_trainer
 
 
 def parse_args(argv):
+    """The command line of `mmoe-ds train` (`python -m mmoe_ds.train`)."""
     parser = argparse.ArgumentParser(prog="mmoe_ds.train", description="Train a multimodal MoE with DeepSpeed.")
     parser.add_argument("--recipe", required=True)
     parser.add_argument("--deepspeed_config", default=None,
@@ -35,7 +36,9 @@ def parse_args(argv):
                         help="with --check: a GPU's memory (e.g. 80GB); refuse a plan that does not fit")
     return parser.parse_args(argv)
 
+
 def main(argv: list[str] | None = None) -> int:
+    """`mmoe-ds train`: check, then build and run the trainer; returns the exit status (2: configuration error)."""
     slurm = map_slurm_env()  # bare `srun` (no torchrun): RANK etc. from SLURM_*, before anything reads them
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -51,9 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         from .plan import print_plan
 
         return print_plan(recipe, ds_config, world_size, args.gpu_memory, "mmoe-ds train", not_yet_ok=True)
-    trainer = Trainer(recipe, ds_config, world_size)
     try:
-        trainer.setup()
+        trainer = build_trainer(recipe, ds_config, world_size)
     except ConfigError as e:  # the data built by prepare_if_missing does not fit the recipe (every rank alike)
         print(f"mmoe-ds train: configuration error: {e}", file=sys.stderr)
         return 2
