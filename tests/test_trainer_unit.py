@@ -126,9 +126,6 @@ class MirrorDist:
     def all_gather_object(self, out: list, obj) -> None:
         out[:] = [obj] * len(out)
 
-    def barrier(self) -> None:
-        pass
-
 
 class RecordingCheckpointer:
     def __init__(self, events: list):

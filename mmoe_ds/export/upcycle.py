@@ -470,8 +470,8 @@ def vision_weights(model: MmoeForCausalLM, vision: str | os.PathLike) -> Iterato
             if len(candidates) != 1 or source.shape(candidates[0]) != shape:
                 break
             found[name] = candidates[0]
-    except UpcycleError:
-        pass
+    except UpcycleError:  # no weight file lazy reading knows (e.g. none there): the loader below reads the
+        found.clear()     # folder and names what is wrong with it
     if len(found) == len(wanted):
         for name, key in found.items():
             yield prefix + name, source[key]
