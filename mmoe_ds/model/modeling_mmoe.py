@@ -237,7 +237,8 @@ class MmoePreTrainedModel(PreTrainedModel):
             experts = layer.ffn.deepspeed_moe.experts.deepspeed_experts
             for local_id, expert in enumerate(experts):
                 global_id = ep_rank * len(experts) + local_id
-                g = torch.Generator().manual_seed(self.config.expert_init_seed * 1_000_003 + layer_idx * 1009 + global_id)  # noqa: E501
+                seed = self.config.expert_init_seed * 1_000_003 + layer_idx * 1009 + global_id
+                g = torch.Generator().manual_seed(seed)
                 for p in expert.parameters():
                     p.copy_(torch.randn(p.shape, generator=g) * std)
 
@@ -390,7 +391,8 @@ class MmoeForCausalLM(MmoePreTrainedModel, GenerationMixin):
         aux = torch.stack([m.aux_loss for m in moe_outputs]).mean() if moe_outputs else None
         loss = text_loss = image_loss = None
         if labels is not None:
-            text_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)  # noqa: E501
+            text_loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                        ignore_index=-100)
             loss = text_loss
             if aux is not None:
                 loss = loss + self.config.router_aux_loss_coef * aux
