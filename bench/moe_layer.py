@@ -261,7 +261,7 @@ def check_paths(d, f, E, k, x, modality) -> dict:
     tol = 1e-5 if x.dtype == torch.float32 else 1e-2
     out = {}
     err, where = norm_rel_errors([run_for_check(torch_moe, x, modality), loop])
-    kernel = "grouped_mm" if _grouped_mm_supported(x, torch_moe.deepspeed_moe.experts.stacked("w1")) else "loop"
+    kernel = "grouped_mm" if _grouped_mm_supported(x, torch_moe.deepspeed_moe.experts.w13) else "loop"
     out["grouped_vs_loop"] = {"kernel": kernel, "max_rel_err": err, "worst": where, "tol": tol, "ok": err <= tol}
     for fused in (False, True):
         if fused and not fused_runs(x.device.type):

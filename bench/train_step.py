@@ -26,11 +26,13 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16
 
 
 def active_params(model, config) -> float:
+    """Parameters a token uses: all but the embeddings and lm_head, and k/E of the experts (a layer's
+    experts are its 3-D `...deepspeed_moe.experts.w13` / `.w2`)."""
     total = 0.0
     for name, p in model.named_parameters():
         if "embed" in name or "lm_head" in name:
             continue
-        if ".deepspeed_experts." in name:
+        if ".deepspeed_moe.experts." in name:
             k = config.num_experts_per_tok
             k = max(k.values()) if isinstance(k, dict) else k
             total += p.numel() * k / config.num_local_experts

@@ -32,6 +32,7 @@ from torch import nn
 from mmoe_ds.moe import RouterConfig, TorchMoE
 from mmoe_ds.moe.deepspeed_layer import DeepSpeedMoE
 from mmoe_ds.moe.dropless import DroplessMoE
+from mmoe_ds.moe.experts import to_per_expert
 
 CASES = ("balanced", "skewed", "empty_rank", "uniform_k")
 GATE_KEYS = ("deepspeed_moe.gate.wg.weight", "deepspeed_moe.gate.modality_bias")
@@ -72,6 +73,7 @@ def run_layer(layer, x, m, upstream, with_aux: bool = True):
     loss = (out.hidden_states * upstream).sum()
     (loss + out.aux_loss if with_aux else loss).backward()
     grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)) for n, p in layer.named_parameters()}
+    grads = to_per_expert(grads)  # w13 / w2 gradients per expert and projection, named like DeepSpeed's files
     layer.last_dropped = int(out.routing.stats.dropped.sum())
     return out.hidden_states.detach(), x.grad, grads
 
@@ -134,7 +136,7 @@ def gate_pairs(a: dict, b: dict) -> list:
 def compare_case(mode: str, case: str, rank: int, fused: bool) -> dict:
     torch.manual_seed(0)
     reference = TorchMoE(config(mode, 1, case), D, F)
-    full_state = reference.state_dict()
+    full_state = to_per_expert(reference.state_dict())
     if case == "skewed":
         full_state = skew(full_state)
         reference.load_state_dict(full_state)

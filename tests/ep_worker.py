@@ -23,6 +23,7 @@ from torch import nn
 
 from mmoe_ds.moe import RouterConfig, TorchMoE
 from mmoe_ds.moe.deepspeed_layer import DeepSpeedMoE
+from mmoe_ds.moe.experts import to_per_expert
 from mmoe_ds.training.teardown import exit_process
 
 D, F, E = 16, 32, 4
@@ -43,9 +44,10 @@ def router_config(mode: str, ep_size: int, dropless: bool) -> RouterConfig:
 
 
 def local_state(full_state: dict, rank: int) -> dict:
-    """The ep_size=2 state dict of `rank`: its half of the experts, renumbered from 0."""
+    """The ep_size=2 state dict of `rank`: its half of the experts, renumbered from 0 (per-expert names,
+    as DeepSpeed's layers and checkpoint files hold them)."""
     local = {}
-    for key, value in full_state.items():
+    for key, value in to_per_expert(full_state).items():
         if ".deepspeed_experts." in key:
             prefix, rest = key.split(".deepspeed_experts.")
             global_id, name = rest.split(".", 1)
@@ -103,7 +105,7 @@ def expert_seeding(rank: int) -> dict:
 
     base = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                 moe_intermediate_size=32, num_local_experts=E, moe_layer_frequency=1)
-    full = MmoeForCausalLM(MmoeConfig(**base, moe_backend="torch", ep_size=1)).state_dict()
+    full = to_per_expert(MmoeForCausalLM(MmoeConfig(**base, moe_backend="torch", ep_size=1)).state_dict())
     sharded = MmoeForCausalLM(MmoeConfig(**base, moe_backend="deepspeed", ep_size=2)).state_dict()
     by_global, by_local = 0.0, 0.0
     for key, value in sharded.items():

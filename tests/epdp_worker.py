@@ -23,6 +23,7 @@ import torch.distributed as dist
 from ep_worker import finish_worker, start_worker
 
 from mmoe_ds.model import MmoeConfig, MmoeForCausalLM
+from mmoe_ds.moe.experts import to_per_expert
 from mmoe_ds.training import checkpoint
 
 LR, WORLD, PER_RANK, SEQ, VOCAB = 0.5, 4, 2, 24, 64
@@ -121,12 +122,12 @@ def main() -> None:
     assert dist.get_world_size() == WORLD
     torch.manual_seed(0)
     reference = MmoeForCausalLM(MmoeConfig(**MODEL, moe_backend="torch"))
-    start = {k: v.clone() for k, v in reference.state_dict().items()}
+    start = {k: v.clone() for k, v in to_per_expert(reference.state_dict()).items()}
     result = {}
 
     # 1. one step in each layout = the naive reference
     ref_loss = reference_step(reference, 0)
-    after_ref = {k: v.detach().clone() for k, v in reference.state_dict().items()}
+    after_ref = {k: v.detach().clone() for k, v in to_per_expert(reference.state_dict()).items()}
     moved = max(float((after_ref[k] - start[k]).abs().max()) for k in start)  # how far the step moved anything
     engines = {}
     for ep in (2, 4, 1):

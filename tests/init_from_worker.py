@@ -6,10 +6,13 @@ then dies of SIGKILL at step N (a test double of the evaluator does it when step
 starts, after any checkpoint of that step; the recipe must evaluate at N), as a crashed node would.
 Writes, per rank:
   PREFIX.rank{r}.json  {"ep_rank", "frozen": names with requires_grad False,
-                        "in_optimizer": names of the parameters DeepSpeed's optimizer holds,
+                        "in_optimizer": names whose parameter DeepSpeed's optimizer holds,
+                        "frozen_parameters": the model's own parameter names with requires_grad False
+                        (a layer's experts: `...experts.w13` / `.w2`),
                         "resumed_from": the step the run resumed at (0: none)}
   PREFIX.rank{r}.before.pt / .after.pt  {global name: tensor} right after setup / after training
-Parameter names are global (an expert's id as an export names it).
+Names are as an export names its tensors: global expert ids, one entry per expert and projection
+(slices of the 3-D expert parameters, which requires_grad and the optimizer see whole).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import torch
 
 from mmoe_ds.training.checks import load_and_validate
 from mmoe_ds.training.evaluate import Evaluator
-from mmoe_ds.training.init_from import global_names
+from mmoe_ds.training.init_from import global_names, named_tensors
 from mmoe_ds.training.main import parse_args
 from mmoe_ds.training.teardown import exit_process
 from mmoe_ds.training.trainer import build_trainer
@@ -62,6 +65,11 @@ def snapshot(named: dict) -> dict:
     return {n: p.detach().clone() for n, p in named.items()}
 
 
+def parameter_of(tensor):
+    """The parameter a per-expert view slices (the tensor itself for a parameter)."""
+    return tensor if tensor._base is None else tensor._base
+
+
 def main() -> int:
     argv = sys.argv[1:]
     out = take_option(argv, "--out")
@@ -70,15 +78,19 @@ def main() -> int:
     trainer = build_trainer(recipe, ds_config, world_size, evaluator_factory=KillingEvaluator)
     config, ep = trainer.model_config, recipe.train.expert_parallel_size
     ep_rank = trainer.rank % ep
-    named = global_names(trainer.engine.module, ep_rank, config.num_local_experts // ep)
+    module, local_experts = trainer.engine.module, config.num_local_experts // ep
+    named = named_tensors(module, ep_rank, local_experts)
     held = {id(p) for p in optimizer_params(trainer.engine)}
     torch.save(snapshot(named), f"{out}.rank{trainer.rank}.before.pt")
     result = {"ep_rank": ep_rank, "resumed_from": trainer.start_step,
-              "frozen": sorted(n for n, p in named.items() if not p.requires_grad),
-              "in_optimizer": sorted(n for n, p in named.items() if id(p) in held)}
+              "frozen": sorted(n for n, t in named.items() if not parameter_of(t).requires_grad),
+              "in_optimizer": sorted(n for n, t in named.items() if id(parameter_of(t)) in held),
+              "frozen_parameters": sorted(n for n, p in global_names(module, ep_rank, local_experts).items()
+                                          if not p.requires_grad)}
     trainer.evaluator.kill_at = int(kill_at) if kill_at else None
     trainer.train()
-    torch.save(snapshot(named), f"{out}.rank{trainer.rank}.after.pt")
+    # views taken again: they must see the parameters as training left them
+    torch.save(snapshot(named_tensors(module, ep_rank, local_experts)), f"{out}.rank{trainer.rank}.after.pt")
     with open(f"{out}.rank{trainer.rank}.json", "w") as f:
         json.dump(result, f)
     trainer.dist.barrier()

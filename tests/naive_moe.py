@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from mmoe_ds.moe.experts import to_per_expert
+
 MODALITIES = ("image", "text")
 
 
@@ -63,9 +65,10 @@ def naive_moe(state: dict, x: torch.Tensor, modality_ids: torch.Tensor, *, num_e
               pools: dict | None = None) -> NaiveResult:
     """The layer's output for tokens x [S, d] ("probs" drop policy, training capacity factor).
 
-    `state` is a `TorchMoE` state dict (DeepSpeed's names); the other arguments are the
-    `RouterConfig` fields they name.
+    `state` is a `TorchMoE` state dict (3-D w13 / w2, or per-expert names as DeepSpeed's layers
+    and files hold them); the other arguments are the `RouterConfig` fields they name.
     """
+    state = to_per_expert(state)
     E = num_experts
     xs, ms = x.double(), modality_ids.reshape(-1).tolist()
     W = state["deepspeed_moe.gate.wg.weight"].double()

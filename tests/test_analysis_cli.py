@@ -54,9 +54,8 @@ def permuted_experts(model: MmoeForCausalLM, perm: list[int]) -> MmoeForCausalLM
         for layer in model.model.layers:
             if layer.is_moe:
                 moe = layer.ffn.deepspeed_moe
-                old = [{k: v.clone() for k, v in e.state_dict().items()} for e in moe.experts.deepspeed_experts]
-                for i, j in enumerate(perm):
-                    moe.experts.deepspeed_experts[i].load_state_dict(old[j])
+                moe.experts.w13.copy_(moe.experts.w13[perm].clone())  # [E, 2f, d]: expert i <- old expert perm[i]
+                moe.experts.w2.copy_(moe.experts.w2[perm].clone())
                 moe.gate.wg.weight.copy_(moe.gate.wg.weight[perm].clone())
                 moe.gate.modality_bias.copy_(moe.gate.modality_bias[:, perm].clone())
     return model

@@ -1,15 +1,13 @@
 """CKA, weight CKA, expert matching and the linear probe against hand-computed values and invariants."""
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
 
 from mmoe_ds.analysis.cka import cka_matrix, linear_cka, match_experts, weight_cka
 from mmoe_ds.analysis.probe import linear_probe
-from mmoe_ds.moe.experts import ExpertFFN
+from mmoe_ds.moe.experts import ExpertFFN, LocalExperts
 
 
 def gram_debiased_hsic(x: np.ndarray, y: np.ndarray) -> float:
@@ -97,18 +95,27 @@ def test_bad_cka_input_names_the_argument():
 
 def test_weight_cka_ignores_neuron_order_and_is_near_zero_for_independent_experts():
     torch.manual_seed(0)
-    a, b = ExpertFFN(64, 96), ExpertFFN(64, 96)
-    same = copy.deepcopy(a)  # the same function with its neurons permuted
+    experts = LocalExperts(3, 64, 96)  # expert 1 becomes expert 0 with its neurons permuted; 2 is independent
     perm = torch.randperm(96)
     with torch.no_grad():
-        same.w1.weight.copy_(a.w1.weight[perm])
-        same.w3.weight.copy_(a.w3.weight[perm])
-        same.w2.weight.copy_(a.w2.weight[:, perm])
+        a, same = experts.expert(0), experts.expert(1)
+        same["w1"].copy_(a["w1"][perm])
+        same["w3"].copy_(a["w3"][perm])
+        same["w2"].copy_(a["w2"][:, perm])
     x = torch.randn(10, 64)
-    assert torch.allclose(same(x), a(x), atol=1e-6)
-    m = weight_cka([a, same, b])
+    y = experts(x.repeat(2, 1), torch.tensor([10, 10, 0]))
+    assert torch.allclose(y[10:], y[:10], atol=1e-6)  # the same function
+    m = weight_cka(experts)
     assert m[0, 1] == pytest.approx(1.0, abs=1e-9)
     assert abs(m[0, 2]) < 0.1 and abs(m[1, 2]) < 0.1
+    views = [experts.expert(e) for e in range(3)]  # per-expert views and modules give the same matrix
+    assert np.array_equal(weight_cka(views), m)
+    modules = [ExpertFFN(64, 96) for _ in range(3)]
+    with torch.no_grad():
+        for module, view in zip(modules, views):
+            for name in ("w1", "w3", "w2"):
+                getattr(module, name).weight.copy_(view[name])
+    assert np.allclose(weight_cka(modules), m, atol=1e-12)
 
 
 def test_matching_recovers_a_permutation_and_beats_greedy():

@@ -19,6 +19,7 @@ from mmoe_ds.data import MmoeProcessor
 from mmoe_ds.errors import ConfigError
 from mmoe_ds.export import save_export
 from mmoe_ds.model import MmoeConfig, MmoeForCausalLM
+from mmoe_ds.moe.experts import to_per_expert
 from mmoe_ds.training.data_plan import load_processor, make_train_loader
 
 COMPOSITION = {"image_text": 4, "text": 1, "image": 1}
@@ -28,6 +29,17 @@ MODEL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, interme
              router={"mode": "modality_bias", "drop_tokens": False, "modality_load_balance_coef": 0.01})
 GATES = [f"model.layers.{i}.ffn.deepspeed_moe.gate.{p}" for i in (0, 1) for p in ("modality_bias", "wg.weight")]
 EXPERT = "model.layers.{}.ffn.deepspeed_moe.experts.deepspeed_experts.{}.{}.weight"
+EXPERTS_OF = "model.layers.{}.ffn.deepspeed_moe.experts.*"  # every expert of a layer: its w13 and w2
+
+
+def experts_of(layer: int, ids) -> list[str]:
+    """Per-expert names of `ids` in `layer`, as an export names them."""
+    return [EXPERT.format(layer, e, w) for e in ids for w in ("w1", "w3", "w2")]
+
+
+def reference_state(model: MmoeForCausalLM) -> dict[str, torch.Tensor]:
+    """`model`'s state dict with per-expert names (as the export holds it)."""
+    return to_per_expert(model.state_dict())
 STEPS = 4
 
 
@@ -112,9 +124,9 @@ def merged(ranks: list[dict], key: str) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def ep2_run(source, small_dataset, tmp_path_factory):
-    """ep 2, ZeRO-1: routers frozen, plus global expert 3 of layer 1 (it lives on rank 1 as local expert 1)."""
+    """ep 2, ZeRO-1: routers frozen, plus every expert of layer 1 (global 0, 1 on rank 0; 2, 3 on rank 1)."""
     base = tmp_path_factory.mktemp("ep2")
-    freeze = ["*.deepspeed_moe.gate.*", EXPERT.format(1, 3, "*")]
+    freeze = ["*.deepspeed_moe.gate.*", EXPERTS_OF.format(1)]
     recipe = write_recipe(base / "r.json", small_dataset, base / "run", source, ep=2, freeze=freeze, checkpoint_every=2)
     return base, recipe, launch(recipe, ds_config(base, 1), base / "w")
 
@@ -122,22 +134,22 @@ def ep2_run(source, small_dataset, tmp_path_factory):
 def test_ep2_starts_from_the_export_and_frozen_params_stay_out_of_the_optimizer(ep2_run, source, small_dataset):
     base, _, ranks = ep2_run
     exported = MmoeForCausalLM.from_pretrained(source)
-    reference = exported.state_dict()
+    reference = reference_state(exported)
     before, after = merged(ranks, "before"), merged(ranks, "after")
     assert set(before) == set(reference)  # the two ranks' experts together are the whole model, by global id
     for name, value in before.items():
         assert torch.equal(value, reference[name]), name
     assert [r["ep_rank"] for r in ranks] == [0, 1]
-    frozen_expert = [EXPERT.format(1, 3, w) for w in ("w1", "w3", "w2")]
-    assert ranks[0]["frozen"] == sorted(GATES)
-    assert ranks[1]["frozen"] == sorted(GATES + frozen_expert)
-    for r in ranks:
-        names = set(r["before"])
-        assert set(r["in_optimizer"]) == names - set(r["frozen"])
-    for name in GATES + frozen_expert:
+    layer1 = "model.layers.1.ffn.deepspeed_moe.experts."
+    for r, ids in zip(ranks, ([0, 1], [2, 3])):
+        assert r["frozen"] == sorted(GATES + experts_of(1, ids))
+        assert r["frozen_parameters"] == sorted(GATES + [layer1 + "w13", layer1 + "w2"])
+        assert set(r["in_optimizer"]) == set(r["before"]) - set(r["frozen"])
+    frozen = GATES + experts_of(1, range(4))
+    for name in frozen:
         assert torch.equal(after[name], reference[name]), name
-    moved = [n for n in before if n not in GATES + frozen_expert and not torch.equal(after[n], before[n])]
-    assert len(moved) == len(before) - len(GATES) - len(frozen_expert)  # every other parameter trained
+    moved = [n for n in before if n not in frozen and not torch.equal(after[n], before[n])]
+    assert len(moved) == len(before) - len(frozen)  # every other tensor trained, layer 0's experts each on its own
     assert losses(base / "run")[1] == pytest.approx(first_step_loss(exported, small_dataset), rel=1e-5)
 
 
@@ -148,7 +160,7 @@ def test_a_checkpoint_takes_precedence_over_init_from(ep2_run, source, small_dat
     run = tmp_path / "run"
     shutil.copytree(base / "run" / "checkpoints", run / "checkpoints")
     (run / "checkpoints" / "latest").write_text("step00000002")
-    freeze = ["*.deepspeed_moe.gate.*", EXPERT.format(1, 3, "*")]
+    freeze = ["*.deepspeed_moe.gate.*", EXPERTS_OF.format(1)]
     recipe = write_recipe(tmp_path / "r.json", small_dataset, run, source, ep=2, freeze=freeze, checkpoint_every=2)
     ranks = launch(recipe, ds_config(tmp_path, 1), tmp_path / "w")
     assert [r["resumed_from"] for r in ranks] == [2, 2]
@@ -160,24 +172,25 @@ def test_a_checkpoint_takes_precedence_over_init_from(ep2_run, source, small_dat
 
 
 def test_ep1_zero2_reinit_changes_exactly_the_matched_params(source, small_dataset, tmp_path):
-    frozen_expert = [EXPERT.format(0, 1, w) for w in ("w1", "w3", "w2")]
+    frozen_experts = experts_of(0, range(4))
     recipe = write_recipe(tmp_path / "r.json", small_dataset, tmp_path / "run", source, ep=1,
-                          freeze=[EXPERT.format(0, 1, "*")], reinit=["*.deepspeed_moe.gate.*"],
+                          freeze=[EXPERTS_OF.format(0)], reinit=["*.deepspeed_moe.gate.*"],
                           model={"router_aux_loss_coef": 0.5})
     ranks = launch(recipe, ds_config(tmp_path, 2), tmp_path / "w")
     exported = MmoeForCausalLM.from_pretrained(source)
-    reference = exported.state_dict()
+    reference = reference_state(exported)
     for r in ranks:
         assert set(r["before"]) == set(reference)
         changed = sorted(n for n, v in r["before"].items() if not torch.equal(v, reference[n]))
         assert changed == sorted(GATES)
-        assert r["frozen"] == sorted(frozen_expert)
-        assert set(r["in_optimizer"]) == set(reference) - set(frozen_expert)
+        assert r["frozen"] == sorted(frozen_experts)
+        assert set(r["in_optimizer"]) == set(reference) - set(frozen_experts)
     for name in GATES:  # the fresh init (std 0.02 or zeros), not the export's (std ~0.3)
         assert torch.equal(ranks[0]["before"][name], ranks[1]["before"][name])
         assert ranks[0]["before"][name].std() < 0.05 < reference[name].std()
-    for name in frozen_expert:
+    for name in frozen_experts:
         assert torch.equal(ranks[0]["after"][name], reference[name])
+    assert not torch.equal(ranks[0]["after"][EXPERT.format(1, 0, "w1")], reference[EXPERT.format(1, 0, "w1")])
     # step 1 = the export with the re-initialised routers and the overridden aux coefficient
     exported.config.router_aux_loss_coef = 0.5
     with torch.no_grad():
@@ -245,6 +258,91 @@ def test_patterns_that_match_nothing_and_weights_that_do_not_fit_are_named(sourc
     with pytest.raises(ConfigError, match=r"gate\.wg\.weight has shape \[4, 32\] in the folder but \[8, 32\]"):
         load_init_weights(separate, agnostic_src, 0, 1, [])
     load_init_weights(separate, agnostic_src, 0, 1, ["*.gate.wg.weight"])
+
+
+def ep2_rank_model(src, rank: int) -> MmoeForCausalLM:
+    """What expert-parallel rank `rank` of 2 builds (DeepSpeed backend: 2 of the 4 experts per layer), seeded."""
+    torch.manual_seed(rank)
+    return MmoeForCausalLM(MmoeConfig(**src.config, moe_backend="deepspeed", ep_size=2))
+
+
+def test_freezing_part_of_a_layers_experts_is_refused_and_all_of_them_freezes_its_3d_weights(source):
+    """requires_grad is per tensor and a layer's experts are two tensors (w13, w2): one expert, or w1
+    without w3, cannot be frozen; every rank refuses alike, whether it holds the expert or not."""
+    from mmoe_ds.training.init_from import freeze, read_init_source
+
+    src = read_init_source(source)
+    layer = "model.layers.1.ffn.deepspeed_moe"
+    for rank in (0, 1):  # global expert 3 lives on rank 1
+        one = rf"{layer}\.experts\.deepspeed_experts\.3\.\*\.weight"
+        with pytest.raises(ConfigError, match=rf"train\.freeze: pattern '{one}' "
+                                              rf"covers part of the experts of {layer}: 2 of the 8 per-expert weights "
+                                              rf"held in {layer}\.experts\.w13 .*e\.g\. '{layer}\.experts\.\*', "
+                                              rf"or none of them"):
+            freeze(ep2_rank_model(src, rank), [EXPERT.format(1, 3, "*")], rank, 2, 2)
+        with pytest.raises(ConfigError, match=r"pattern '\*\.deepspeed_experts\.\*\.w1\.weight' covers part of the "
+                                              r"experts of model\.layers\.0\.ffn\.deepspeed_moe"):
+            freeze(ep2_rank_model(src, rank), ["*.deepspeed_experts.*.w1.weight"], rank, 2, 2)
+    for pattern in (EXPERTS_OF.format(1), f"{layer}.experts.deepspeed_experts.*"):
+        model = ep2_rank_model(src, 1)
+        assert freeze(model, [pattern], 1, 2, 2) == [f"{layer}.experts.w13", f"{layer}.experts.w2"]
+        assert sorted(n for n, p in model.named_parameters() if not p.requires_grad) == [
+            f"{layer}.experts.w13", f"{layer}.experts.w2"]
+    model = ep2_rank_model(src, 0)  # a 3-D weight by its own name: every expert's w1 and w3 of every layer
+    assert freeze(model, ["*.experts.w13"], 0, 2, 2) == [f"model.layers.{i}.ffn.deepspeed_moe.experts.w13"
+                                                          for i in (0, 1)]
+
+
+def test_each_global_expert_is_loaded_into_its_slice_and_reinit_keeps_the_fresh_slice(source):
+    """EP 2, rank 1: local experts 0, 1 are global 2, 3. The folder's expert 2 goes to w13[0] (w1 in the
+    first f rows, w3 in the rest) and w2[0]; expert 3 of layer 1 is re-initialised (its fresh slice
+    stays), and so is every expert's w1 / w3 of layer 0 through the 3-D weight's name."""
+    from safetensors.torch import load_file
+
+    from mmoe_ds.training.init_from import load_init_weights, read_init_source
+
+    src = read_init_source(source)
+    disk = load_file(str(source / "model.safetensors"))
+    model = ep2_rank_model(src, 1)
+    fresh = {n: p.detach().clone() for n, p in model.named_parameters()}
+    reinit = [EXPERT.format(1, 3, "*"), "model.layers.0.ffn.deepspeed_moe.experts.w13"]
+    report = load_init_weights(model, src, 1, 2, reinit)
+    assert report.reinitialised == sorted(experts_of(1, [3]) + [EXPERT.format(0, e, w) for e in (2, 3)
+                                                                for w in ("w1", "w3")])
+    assert not set(report.loaded) & set(report.reinitialised)
+    for layer in (0, 1):
+        prefix = f"model.layers.{layer}.ffn.deepspeed_moe.experts."
+        experts = model.get_submodule(prefix[:-1])
+        for local, glob in ((0, 2), (1, 3)):
+            w1_w3_fresh = layer == 0 or glob == 3
+            expect_w13 = fresh[prefix + "w13"][local] if w1_w3_fresh else torch.cat(
+                [disk[EXPERT.format(layer, glob, "w1")], disk[EXPERT.format(layer, glob, "w3")]])
+            w2_fresh = (layer, glob) == (1, 3)
+            expect_w2 = fresh[prefix + "w2"][local] if w2_fresh else disk[EXPERT.format(layer, glob, "w2")]
+            assert torch.equal(experts.w13[local], expect_w13), (layer, glob)
+            assert torch.equal(experts.w2[local], expect_w2), (layer, glob)
+        assert not torch.equal(experts.w2[0], disk[EXPERT.format(layer, 0, "w2")])  # global 2, not rank 0's expert 0
+    assert torch.equal(model.get_parameter(GATES[1]), disk[GATES[1]])  # dense weights too
+
+
+def test_check_takes_per_expert_patterns_and_refuses_part_of_a_layers_experts(source, small_dataset, tmp_path,
+                                                                             capsys):
+    """`--check` (before any launch) judges freeze / reinit patterns as the run does: per-expert names
+    are the export's names, so a pattern over them is valid; freezing one expert is refused there."""
+    from mmoe_ds.training.main import main
+
+    config = str(REPO / "ds_configs/cpu_zero1_fp32.json")
+    every = "model.layers.1.ffn.deepspeed_moe.experts.deepspeed_experts.*"
+    recipe = write_recipe(tmp_path / "a.json", small_dataset, tmp_path / "run", source, ep=2, freeze=[every],
+                          reinit=[EXPERT.format(0, 3, "*")])
+    assert main(["--check", "--recipe", str(recipe), "--deepspeed_config", config, "--world_size", "2"]) == 0
+    capsys.readouterr()
+    recipe = write_recipe(tmp_path / "b.json", small_dataset, tmp_path / "run", source, ep=2,
+                          freeze=[EXPERT.format(1, 3, "*")])
+    assert main(["--check", "--recipe", str(recipe), "--deepspeed_config", config, "--world_size", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "covers part of the experts of model.layers.1.ffn.deepspeed_moe" in err
+    assert "'model.layers.1.ffn.deepspeed_moe.experts.*', or none of them" in err
 
 
 def test_the_gpu_recipe_passes_check_on_8_processes_without_any_weights(tmp_path, capsys):

@@ -10,6 +10,7 @@ import pytest
 from launch_util import REPO
 
 from mmoe_ds.config.recipe import Recipe, load_ds_config
+from mmoe_ds.errors import ConfigError
 from mmoe_ds.training.main import main as train_main
 from mmoe_ds.training.plan import count_parameters, parse_bytes, plan_run
 
@@ -22,13 +23,31 @@ def test_parameter_counts_are_the_models_own():
     from mmoe_ds.model import MmoeConfig, MmoeForCausalLM
 
     counts = count_parameters(DEMO_MODEL, freeze=["*.deepspeed_moe.gate.*"])
-    model = MmoeForCausalLM(MmoeConfig(**DEMO_MODEL))
+    config = MmoeConfig(**DEMO_MODEL)
+    model = MmoeForCausalLM(config)
     named = dict(model.named_parameters())
-    experts = sum(p.numel() for n, p in named.items() if ".deepspeed_experts." in n)
+    moe_layers = [i for i in range(config.num_hidden_layers) if config.is_moe_layer(i)]
+    per_layer = config.num_local_experts * 3 * config.hidden_size * config.moe_intermediate_size  # w1, w3, w2 each
     gates = sum(p.numel() for n, p in named.items() if ".deepspeed_moe.gate." in n)
     assert counts.total == sum(p.numel() for p in model.parameters())
-    assert counts.expert_trained == experts and counts.expert_frozen == 0
+    assert counts.expert_trained == len(moe_layers) * per_layer > 0 and counts.expert_frozen == 0
     assert counts.dense_frozen == gates > 0
+    # every expert of one layer, by per-expert names or by the 3-D parameters' names
+    first = f"model.layers.{moe_layers[0]}.ffn.deepspeed_moe.experts."
+    for pattern in (first + "deepspeed_experts.*", first + "w*"):
+        frozen = count_parameters(DEMO_MODEL, freeze=[pattern])
+        assert frozen.expert_frozen == per_layer and frozen.expert_trained == (len(moe_layers) - 1) * per_layer
+        assert frozen.total == counts.total
+
+
+def test_freezing_part_of_a_layers_experts_is_refused_with_the_fix():
+    layer = "model.layers.1.ffn.deepspeed_moe"
+    with pytest.raises(ConfigError, match=rf"pattern '{layer}\.experts\.deepspeed_experts\.3\.\*' covers part of "
+                                          rf"the experts of {layer}: 2 of the 8 per-expert weights held in "
+                                          rf"{layer}\.experts\.w13 .*e\.g\. '{layer}\.experts\.\*', or none"):
+        count_parameters(DEMO_MODEL, freeze=[f"{layer}.experts.deepspeed_experts.3.*"])
+    with pytest.raises(ConfigError, match=r"w13 = every expert's w1 and w3"):  # w1 without w3
+        count_parameters(DEMO_MODEL, freeze=["*.deepspeed_experts.*.w1.weight"])
 
 
 @pytest.mark.parametrize("gpus", [1, 8, 64])

@@ -17,6 +17,7 @@ import textwrap
 
 import pytest
 import torch
+from safetensors import safe_open
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     LlamaConfig,
@@ -31,6 +32,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mmoe_ds.export.upcycle import UpcycleError, UpcycleOptions, main, upcycle
 from mmoe_ds.model import MmoeForCausalLM
+from mmoe_ds.moe.experts import per_expert_names
 
 WORDS = [f"w{i}" for i in range(40)]
 TOL = 1e-5
@@ -186,9 +188,15 @@ def test_upcycled_folder_layout_and_mapping(pair):
     layer = 0 if name != "mistral" else 1
     ffn = moe.model.layers[layer].ffn.deepspeed_moe
     assert torch.count_nonzero(ffn.gate.wg.weight) == 0
-    for expert in ffn.experts.deepspeed_experts:
-        assert torch.equal(expert.w1.weight, dense.model.layers[layer].mlp.gate_proj.weight)
-        assert torch.equal(expert.w2.weight, dense.model.layers[layer].mlp.down_proj.weight)
+    mlp = dense.model.layers[layer].mlp
+    for e in range(ffn.experts.num_local_experts):
+        expert = ffn.experts.expert(e)  # views into the 3-D w13 / w2 the model holds
+        assert torch.equal(expert["w1"], mlp.gate_proj.weight) and torch.equal(expert["w3"], mlp.up_proj.weight)
+        assert torch.equal(expert["w2"], mlp.down_proj.weight)
+    with safe_open(out / "model.safetensors", framework="pt") as f:  # on disk: per-expert names, as always
+        names = set(f.keys())
+    prefix = f"model.layers.{layer}.ffn.deepspeed_moe.experts."
+    assert {n for n in names if n.startswith(prefix)} == set(per_expert_names(prefix, ffn.experts.num_local_experts))
 
 
 def run_without_mmoe_ds(tmp_path, runs: list[tuple]) -> list[torch.Tensor]:
@@ -278,8 +286,8 @@ def test_top1_is_not_function_preserving_and_noise_makes_experts_differ(tmp_path
         assert (top1(input_ids=ids).logits[..., :43] - expected).abs().max() > 1e-2
         diff = (noisy(input_ids=ids).logits[..., :43] - expected).abs().max()
     assert 1e-6 < diff < 0.5
-    experts = noisy.model.layers[1].ffn.deepspeed_moe.experts.deepspeed_experts
-    assert not torch.equal(experts[0].w1.weight, experts[1].w1.weight)
+    experts = noisy.model.layers[1].ffn.deepspeed_moe.experts
+    assert not torch.equal(experts.expert(0)["w1"], experts.expert(1)["w1"])
 
 
 def test_noise_magnitude_is_relative_to_each_weight(tmp_path):
@@ -299,10 +307,11 @@ def test_noise_magnitude_is_relative_to_each_weight(tmp_path):
     moe = MmoeForCausalLM.from_pretrained(tmp_path / "moe")
     checked = 0
     for i in (0, 2):
-        experts = moe.model.layers[i].ffn.deepspeed_moe.experts.deepspeed_experts
+        experts = moe.model.layers[i].ffn.deepspeed_moe.experts
         for ours, theirs in (("w1", "gate_proj"), ("w3", "up_proj"), ("w2", "down_proj")):
             w = getattr(dense.model.layers[i].mlp, theirs).weight.detach().double()
-            deltas = [(getattr(e, ours).weight.detach().double() - w).flatten() for e in experts]
+            deltas = [(experts.expert(e)[ours].detach().double() - w).flatten()
+                      for e in range(experts.num_local_experts)]
             for delta in deltas:
                 assert delta.std() / w.std() == pytest.approx(noise, rel=0.1), (i, ours)
                 assert abs(delta.mean()) < 0.2 * noise * w.std()

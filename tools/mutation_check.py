@@ -67,8 +67,21 @@ MUTATIONS = [
              "return torch.logsumexp(logits, dim=-1).square().mean()",
              "return torch.logsumexp(logits, dim=0).square().mean()", LOSSES,
              why="z-loss logsumexp over the token axis"),
+    # The 3-D expert layout (w13 = [w1; w3] per expert) and its per-expert names on disk.
+    Mutation("w13_halves_swapped", "mmoe_ds/moe/experts.py",
+             'return {"w1": w13_EFD[expert, :f], "w3": w13_EFD[expert, f:], "w2": w2_EDF[expert]}',
+             'return {"w1": w13_EFD[expert, f:], "w3": w13_EFD[expert, :f], "w2": w2_EDF[expert]}',
+             ["tests/test_experts.py", "tests/test_pre_3d_layout.py"],
+             why="per-expert w1 and w3 read from the wrong halves of w13"),
+    Mutation("per_expert_load_off_by_one", "mmoe_ds/moe/experts.py",
+             'per = [[state_dict[f"{prefix}deepspeed_experts.{e}.{p}.weight"] for p in PROJECTIONS]\n'
+             '           for e in range(module.num_local_experts)]',
+             'per = [[state_dict[f"{prefix}deepspeed_experts.{(e + 1) % module.num_local_experts}.{p}.weight"] '
+             'for p in PROJECTIONS]\n           for e in range(module.num_local_experts)]',
+             ["tests/test_experts.py", "tests/test_pre_3d_layout.py"],
+             why="a per-expert state dict loads each expert's weights into its neighbour"),
     Mutation("experts_seeded_by_local_id", "mmoe_ds/model/modeling_mmoe.py",
-             "global_id = ep_rank * len(experts) + local_id", "global_id = local_id", EP,
+             "global_id = ep_rank * experts.num_local_experts + local_id", "global_id = local_id", EP,
              select="seeded", why="every EP rank starts with the same experts"),
     Mutation("pool_table_ignores_pools", "mmoe_ds/moe/router.py",
              "pool_mask[m, list(pool)] = True", "pool_mask[m, :] = True", ROUTING,

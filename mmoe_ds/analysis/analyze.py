@@ -230,8 +230,8 @@ def _expert_cka(cap: ProbeCapture, lc: LayerCapture, modalities: tuple[str, ...]
     """E×E CKA of the experts' outputs on the same tokens (all, each modality) and of their weights."""
     import torch
 
-    experts = lc.module.deepspeed_moe.experts.deepspeed_experts
-    E, labels = len(experts), cap.modality_ids[:cap.feature_tokens]
+    experts = lc.module.deepspeed_moe.experts
+    E, labels = lc.module.num_experts, cap.modality_ids[:cap.feature_tokens]
     cka: dict[str, list[list[float]]] = {}
     if cap.feature_tokens >= 4:
         outs = expert_outputs(lc.module, lc.features)
@@ -253,8 +253,8 @@ def _layer_analysis(cap: ProbeCapture, lc: LayerCapture, modalities: tuple[str, 
     routed = np.array([p.routed if p else [0] * E for p in per], dtype=np.float64)
     kept = np.array([p.kept if p else [0] * E for p in per], dtype=np.float64)
     tokens = [p.tokens if p else 0 for p in per]
-    w1 = lc.module.deepspeed_moe.experts.deepspeed_experts[0].w1.weight  # [f, d]
-    share = compute_share(kept, tokens, expert_ffn_flops(w1.shape[1], w1.shape[0]))
+    experts = lc.module.deepspeed_moe.experts
+    share = compute_share(kept, tokens, expert_ffn_flops(experts.hidden_size, experts.intermediate_size))
     dep = _dependence(cap, lc, per, routed, n_perm, seed)
     probe_acc, probe_bal, probe_chance = _probe(cap, lc, seed)
     F = cap.feature_tokens

@@ -190,14 +190,25 @@ def weight_cka(experts, debiased: bool = True) -> np.ndarray:
     weights' device (d×d per expert, one expert's float64 copy at a time).
 
     Args:
-        experts: modules with `w1`, `w3`, `w2` linear layers (e.g. `LocalExperts.deepspeed_experts`).
+        experts: a `LocalExperts` (its 3-D w13 / w2, read per expert through `expert(e)`), or a
+            sequence of experts, each a {"w1", "w3", "w2"} mapping of tensors (`expert_slices`) or a
+            module with `w1`, `w3`, `w2` linear layers (`ExpertFFN`).
     """
+    if hasattr(experts, "expert") and hasattr(experts, "num_local_experts"):
+        experts = [experts.expert(e) for e in range(experts.num_local_experts)]
     with torch.no_grad():
-        prep = [_prepare(_tensor(expert_weight_features(e.w1.weight, e.w3.weight, e.w2.weight), f"experts[{i}]",
-                                 None), debiased, gram=True) for i, e in enumerate(experts)]
+        prep = [_prepare(_tensor(expert_weight_features(*_expert_weights(e)), f"experts[{i}]", None), debiased,
+                         gram=True) for i, e in enumerate(experts)]
     if prep:
         _check_samples(prep[0].gram.shape[0], debiased)
     return _pairwise(prep, None, debiased)
+
+
+def _expert_weights(expert) -> tuple:
+    """(w1, w3, w2) of one expert given as a mapping of tensors or a module of linear layers."""
+    if isinstance(expert, dict):
+        return expert["w1"], expert["w3"], expert["w2"]
+    return expert.w1.weight, expert.w3.weight, expert.w2.weight
 
 
 class ExpertMatching(NamedTuple):

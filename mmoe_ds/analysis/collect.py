@@ -135,16 +135,25 @@ def capture_routing(model, batches: Iterable[dict], max_feature_tokens: int = 16
 def expert_outputs(block: TorchMoE, features: np.ndarray, chunk: int = 4096) -> list[torch.Tensor]:
     """Every expert of `block` run on the same router inputs: E tensors [F, d] (float32, on the block's device).
 
+    Each call gives the experts module (w13 / w2 of all experts) the chunk's tokens once per expert,
+    sorted by expert, through its sorted contract: a module call, so hooks, offload and PEFT
+    parametrizations of the 3-D weights act as in the model's forward.
+
     Args:
         block: a torch MoE block.
         features: [F, d] router inputs (e.g. `LayerCapture.features`).
-        chunk: tokens per forward (memory).
+        chunk: rows per experts call (memory): chunk // E tokens, each run by all E experts.
     """
-    experts = block.deepspeed_moe.experts.deepspeed_experts
+    experts = block.deepspeed_moe.experts
+    E = block.num_experts
     param = next(block.parameters())
     x = torch.from_numpy(np.ascontiguousarray(features))
-    outs = []
-    for expert in experts:
-        ys = [expert(x[i:i + chunk].to(param.device, param.dtype)).float() for i in range(0, x.shape[0], chunk)]
-        outs.append(torch.cat(ys) if ys else torch.zeros(0, features.shape[1], device=param.device))
-    return outs
+    step = max(1, chunk // E)
+    parts: list[list[torch.Tensor]] = [[] for _ in range(E)]
+    for i in range(0, x.shape[0], step):
+        rows = x[i:i + step].to(param.device, param.dtype)
+        counts = torch.full((E,), rows.shape[0], dtype=torch.long, device=param.device)
+        y = experts(rows.repeat(E, 1), counts).float()  # expert-major: rows of expert e are y[e*n:(e+1)*n]
+        for e, ys in enumerate(y.split(rows.shape[0])):
+            parts[e].append(ys)
+    return [torch.cat(p) if p else torch.zeros(0, features.shape[1], device=param.device) for p in parts]

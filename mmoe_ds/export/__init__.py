@@ -26,18 +26,35 @@ from .card import last_train_record, model_card
 from .gather import gather_state_dict, load_checkpoint_model, resolve_tag_dir
 from .remote_code import AUTO_MAP, CODE_FILES, PROCESSOR_AUTO_MAP, flatten_imports, write_code
 
-__all__ = ["export", "save_export", "main", "load_checkpoint_model", "gather_state_dict", "resolve_tag_dir",
-           "model_card", "write_code", "flatten_imports", "CODE_FILES"]
+__all__ = ["export", "save_export", "write_model", "disk_state_dict", "main", "load_checkpoint_model",
+           "gather_state_dict", "resolve_tag_dir", "model_card", "write_code", "flatten_imports", "CODE_FILES"]
 REPORT_FILES = ("routing_report.png", "routing_report.md")
 PROCESSOR_CONFIG = "processor_config.json"
 DEFAULT_MAX_SHARD_SIZE = "2GB"  # transformers' own default for save_pretrained / push_to_hub
 
 
+def disk_state_dict(model: MmoeForCausalLM) -> dict:
+    """The state dict an export writes: the model's, with each layer's 3-D expert weights (`experts.w13` /
+    `experts.w2`) as the per-expert tensors every folder holds on disk (`deepspeed_experts.{e}.w1.weight`,
+    ...), each its own contiguous tensor, in the model's order (`to_per_expert`).
+
+    Handing these to `save_pretrained` (rather than letting transformers' registered conversion split
+    w13 / w2 while saving) keeps the names per expert with any transformers, 4.x included, and keeps
+    the split into shards per tensor: the conversion's outputs share one storage per layer and
+    projection, which huggingface_hub's splitter keeps in one shard, so the experts of a layer would
+    move between shards as a block. `mmoe-ds upcycle` plans its streamed files from the same dict
+    (`upcycle.weight_specs`). `model` may be on the meta device (names and shapes only)."""
+    from ..moe.experts import to_per_expert
+
+    return to_per_expert(model.state_dict())
+
+
 def write_model(model: MmoeForCausalLM, out: Path, max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE) -> None:
-    """Weights (one model.safetensors, or shards + model.safetensors.index.json above `max_shard_size`),
-    config.json (with the auto_map to the shipped code) and generation_config.json."""
+    """Weights (one model.safetensors, or shards + model.safetensors.index.json above `max_shard_size`;
+    the experts per expert, `disk_state_dict`), config.json (with the auto_map to the shipped code) and
+    generation_config.json."""
     model.config.auto_map = dict(AUTO_MAP)
-    model.save_pretrained(out, max_shard_size=max_shard_size)
+    model.save_pretrained(out, max_shard_size=max_shard_size, state_dict=disk_state_dict(model))
     c = model.config
     # greedy up to the model's length: a caller's max_new_tokens / max_length (lm-eval's 256-token
     # generate_until, the card's example) takes precedence over it, which a default max_new_tokens would not

@@ -28,7 +28,10 @@ Memory: the MoE model exists only on the meta device (names and shapes); each ou
 from its source when it is written (the dense tensor read from the LM's files, the FFN read once per
 layer and copied into each expert) and goes straight to its place in the safetensors shards, so the
 peak is about the largest tensor (the embedding in fp32), not the model or a shard; the files are the
-bytes `save_pretrained` of the whole model would write (bench/upcycle_memory.py, docs/benchmarks.md).
+bytes `mmoe-ds export` (`write_model`, `save_pretrained`) writes for the whole model
+(bench/upcycle_memory.py, docs/benchmarks.md). The experts are written under their per-expert names
+(`...deepspeed_experts.{e}.w1.weight`, ...), as every folder holds them on disk; the model holds each
+layer's experts as two 3-D tensors and loads either naming.
 """
 from __future__ import annotations
 
@@ -582,11 +585,26 @@ class SafetensorsShardWriter:
 
 
 def weight_specs(model: MmoeForCausalLM, dtype: torch.dtype) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """{name: (shape, dtype)} of what `model.to(dtype).save_pretrained` writes: the state dict in its order,
-    tied weights left out (transformers' rule), floating tensors in `dtype`. `model` may be on the meta device."""
+    """{name: (shape, dtype)} of what `write_model` (`mmoe-ds export`) writes for the model cast to `dtype`,
+    in the order `save_pretrained` splits them into shards: `disk_state_dict` (the experts under their
+    per-expert names, `...deepspeed_experts.{e}.w1.weight`, ..., although the model holds them as 3-D
+    `experts.w13` / `experts.w2`), tied weights left out (transformers' rule), then transformers' own
+    `revert_weight_conversion` as `save_pretrained` runs it (it sorts the names where the model has a
+    registered conversion, which decides the shards); floating tensors in `dtype`. `model` may be on the
+    meta device."""
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
-    state = remove_tied_weights_from_state_dict(model.state_dict(), model)
+    from ..moe.experts import to_per_expert
+
+    # `disk_state_dict` with the tied weights removed first: on the meta device transformers finds ties by
+    # looking each name up in the model, which has no per-expert names (removing only drops the tied names)
+    state = to_per_expert(remove_tied_weights_from_state_dict(model.state_dict(), model))
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4.x: save_pretrained writes the state dict as given
+        pass
+    else:
+        state = revert_weight_conversion(model, state)
     return {name: (tuple(t.shape), dtype if t.is_floating_point() else t.dtype) for name, t in state.items()}
 
 

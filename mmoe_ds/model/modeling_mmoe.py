@@ -19,7 +19,7 @@ from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from ..moe.experts import ExpertFFN
+from ..moe.experts import HF_CONVERSIONS, ExpertFFN, LocalExperts
 from ..moe.layer import TorchMoE
 from ..moe.router import RoutingStats
 from .configuration_mmoe import MmoeConfig
@@ -204,6 +204,27 @@ class DecoderLayer(nn.Module):
         return x + moe.hidden_states, moe
 
 
+def register_weight_conversions() -> bool:
+    """Tell transformers' loader (v5) how the per-expert names on disk become the 3-D expert
+    weights (`moe.experts.HF_CONVERSIONS`); `save_pretrained` writes per-expert names back. Keyed by
+    model_type "mmoe", which no transformers model uses. Returns False where transformers has no
+    such registry (4.x loads through `load_state_dict`, whose pre-hook converts instead)."""
+    try:
+        from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+        from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter
+    except ImportError:
+        return False
+    converters = []
+    for sources, target in HF_CONVERSIONS:  # stack the experts; w1 and w3 then side by side in one tensor
+        operations = [MergeModulelist(dim=0)] + ([Concatenate(dim=1)] if len(sources) > 1 else [])
+        converters.append(WeightConverter(source_patterns=sources, target_patterns=target, operations=operations))
+    register_checkpoint_conversion_mapping(MmoeConfig.model_type, converters, overwrite=True)
+    return True
+
+
+register_weight_conversions()
+
+
 class MmoePreTrainedModel(PreTrainedModel):
     """HF base class: config class, weight initialisation (experts seeded by global id), loading hooks."""
     config_class = MmoeConfig
@@ -220,6 +241,9 @@ class MmoePreTrainedModel(PreTrainedModel):
                 module.bias.zero_()
         elif isinstance(module, RMSNorm):
             module.weight.fill_(1.0)
+        elif isinstance(module, LocalExperts):
+            module.w13.normal_(0.0, std)
+            module.w2.normal_(0.0, std)
 
     @torch.no_grad()
     def init_experts_by_global_id(self) -> None:
@@ -234,13 +258,13 @@ class MmoePreTrainedModel(PreTrainedModel):
         for layer_idx, layer in enumerate(self.model.layers):
             if not layer.is_moe:
                 continue
-            experts = layer.ffn.deepspeed_moe.experts.deepspeed_experts
-            for local_id, expert in enumerate(experts):
-                global_id = ep_rank * len(experts) + local_id
+            experts = layer.ffn.deepspeed_moe.experts
+            for local_id in range(experts.num_local_experts):
+                global_id = ep_rank * experts.num_local_experts + local_id
                 seed = self.config.expert_init_seed * 1_000_003 + layer_idx * 1009 + global_id
                 g = torch.Generator().manual_seed(seed)
-                for p in expert.parameters():
-                    p.copy_(torch.randn(p.shape, generator=g) * std)
+                for w in experts.expert(local_id).values():  # w1, w3, w2: the per-expert draw order
+                    w.copy_(torch.randn(w.shape, generator=g) * std)
 
 
 class MmoeModel(MmoePreTrainedModel):

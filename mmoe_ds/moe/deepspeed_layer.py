@@ -54,7 +54,7 @@ class DeepSpeedMoE(MoE):
         self.cfg = cfg
         self.deepspeed_moe.gate = DeepSpeedModalityGate(cfg, hidden_size)
         self.deepspeed_moe.experts = LocalExperts(self.num_local_experts, hidden_size, intermediate_size,
-                                                  self.expert_group_name)
+                                                  self.expert_group_name, per_expert_state_dict=True)
 
     def forward(self, hidden_states: Tensor, modality_ids: Tensor, token_mask: Tensor | None = None) -> MoEOutput:
         gate = self.deepspeed_moe.gate

@@ -9,7 +9,7 @@ every expert to it. `DroplessMoE` moves only the kept routes:
   3. all-to-all with per-rank variable splits over DeepSpeed's expert-parallel group (the
      rows for rank r's experts go to rank r); received rows are reordered source-major ->
      expert-major;
-  4. the local experts as grouped GEMMs over their rows (w13 = [w1; w3], SwiGLU, w2);
+  4. the local experts (`LocalExperts`, 3-D w13 = [w1; w3] and w2) as grouped GEMMs over their rows;
   5. the reverse reorder and all-to-all, then the weighted combine of each token's k rows
      (fp32 sums).
 
@@ -36,40 +36,18 @@ from deepspeed.moe.layer import MoE
 from torch import Tensor, nn
 
 from .config import RouterConfig
-from .experts import LocalExperts, grouped_linear
+from .experts import LocalExperts
 from .kernels import ops_for
 from .layer import MoEOutput
 from .router import ModalityRouter, Routing
 
 
-def expert_weights(experts: nn.Module) -> tuple[Tensor, Tensor]:
-    """(w13 [E_local, 2f, d] with rows [w1; w3], w2 [E_local, d, f]) of a set of local experts.
-
-    Experts that hold 3-D parameters `w13` and `w2` give them as they are (no copy); per-expert
-    modules (`LocalExperts`: `deepspeed_experts.{i}.w1/w3/w2`) are stacked, a copy per call.
-    """
-    w13, w2 = getattr(experts, "w13", None), getattr(experts, "w2", None)
-    if isinstance(w13, Tensor) and isinstance(w2, Tensor) and w13.dim() == 3:
-        return w13, w2
-    modules = experts.deepspeed_experts
-    return (torch.stack([torch.cat([e.w1.weight, e.w3.weight]) for e in modules]),
-            torch.stack([e.w2.weight for e in modules]))
-
-
 def run_local_experts(experts: nn.Module, x: Tensor, tokens_per_expert: Tensor, sizes: list[int] | None,
                       ops: ModuleType) -> Tensor:
     """The local experts over rows x sorted by expert (`tokens_per_expert` [E_local] on the device,
-    `sizes` the same on the host where known).
-
-    Grouped GEMMs over the stacked weights; experts that must run as modules (wrapped by PEFT,
-    hooked, offloaded: `LocalExperts.calls_modules`) run one after another instead.
-    """
-    if getattr(experts, "calls_modules", False):
-        return experts.forward_sorted(x, tokens_per_expert, use_grouped=False)
-    w13, w2 = expert_weights(experts)
-    offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
-    h = ops.swiglu(grouped_linear(x, w13.to(x.dtype), offsets, sizes))
-    return grouped_linear(h, w2.to(x.dtype), offsets, sizes)
+    `sizes` the same on the host where known): grouped GEMMs over w13 / w2 with `ops.swiglu` between.
+    A module call, so whatever wraps or hooks the experts (PEFT, accelerate) runs."""
+    return experts(x, tokens_per_expert, sizes, act=ops.swiglu)
 
 
 class _AllToAll(torch.autograd.Function):
@@ -116,7 +94,7 @@ def dropless_dispatch(x: Tensor, routing: Routing, experts: nn.Module, ep_size: 
     ops = ops_for(x, fused)
     S = x.shape[0]
     index = routing.expert_index.reshape(-1)  # route i = k·S + s belongs to token s
-    E = experts.num_local_experts * ep_size
+    E = routing.logits.shape[-1]  # global experts (the experts module may be wrapped, e.g. by PEFT)
     key = torch.where(index >= 0, index, E)  # routes not used sort last
     order = torch.argsort(key, stable=True)
     counts = torch.zeros(E + 1, dtype=torch.int64, device=x.device).scatter_add_(0, key, torch.ones_like(key))[:E]
@@ -177,7 +155,7 @@ class DroplessMoE(MoE):
         self.fused = fused
         self.deepspeed_moe.gate = ModalityRouter(cfg, hidden_size)
         self.deepspeed_moe.experts = LocalExperts(self.num_local_experts, hidden_size, intermediate_size,
-                                                  self.expert_group_name)
+                                                  self.expert_group_name, per_expert_state_dict=True)
 
     def forward(self, hidden_states: Tensor, modality_ids: Tensor, token_mask: Tensor | None = None) -> MoEOutput:
         x = hidden_states.reshape(-1, hidden_states.shape[-1])

@@ -1,8 +1,9 @@
 """The pure-torch MoE layer: routing plus dropless expert compute, no DeepSpeed import.
 
 Its parameters are named exactly like `DeepSpeedMoE`'s (`deepspeed_moe.gate.*`,
-`deepspeed_moe.experts.deepspeed_experts.{i}.*`), so a state dict saved by one loads into the
-other. Used for inference, export, and training without expert parallelism.
+`deepspeed_moe.experts.w13` / `.w2`), so a state dict saved by one loads into the other (DeepSpeed's
+layers write the experts under per-expert names, `deepspeed_moe.experts.deepspeed_experts.{i}.*`,
+which `LocalExperts` reads as well). Used for inference, export, and training without expert parallelism.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ class MoEOutput(NamedTuple):
     routing: Routing
 
 
-def combine_routes(x: Tensor, routing: Routing, experts: LocalExperts, use_grouped: bool = True,
+def combine_routes(x: Tensor, routing: Routing, experts: nn.Module, use_grouped: bool = True,
                    num_kept: int | None = None) -> Tensor:
     """Σ_k gate_k · expert_{index_k}(x) for every token, computing only the kept routes.
 
@@ -33,7 +34,7 @@ def combine_routes(x: Tensor, routing: Routing, experts: LocalExperts, use_group
     """
     S = x.shape[0]
     index = routing.expert_index.reshape(-1)  # [K*S], route r belongs to token r % S
-    E = experts.num_local_experts
+    E = routing.logits.shape[-1]  # the experts module may be wrapped (PEFT): ask the routing
     sort_key = torch.where(index >= 0, index, E)  # dropped routes sort last
     order = torch.argsort(sort_key, stable=True)
     tokens_per_expert = torch.bincount(sort_key, minlength=E + 1)[:E]
@@ -41,7 +42,7 @@ def combine_routes(x: Tensor, routing: Routing, experts: LocalExperts, use_group
         num_kept = int(tokens_per_expert.sum())  # one host sync: sizes the sorted buffer
     order = order[:num_kept]
     token = order % S
-    y = experts.forward_sorted(x[token], tokens_per_expert, use_grouped=use_grouped)
+    y = experts(x[token], tokens_per_expert, use_grouped=use_grouped)  # a module call: hooks, offload, PEFT see it
     weighted = y.float() * routing.combine_weight.reshape(-1)[order, None]
     out = torch.zeros(S, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, token, weighted)
     return out.to(x.dtype)

@@ -34,6 +34,12 @@ __all__ = ["Checkpointer", "IncompleteCheckpointError", "atomic_write_text", "ch
            "rng_state", "save", "set_rng_state", "verify_tag"]
 
 MODEL_FILE = "mp_rank_00_model_states.pt"
+# How the parameters the optimizer holds are laid out. DeepSpeed's optimizer state (ZeRO's flat fp32
+# partitions, Adam's moments) follows the order and shapes of the parameters, which changed when the
+# experts became 3-D (w13 / w2 per layer instead of w1, w3, w2 per expert): a checkpoint without this
+# mark predates that, so its weights load (the per-expert files convert) but its optimizer state would
+# land on the wrong entries and is not loaded.
+PARAMETER_LAYOUT = "experts_w13_w2"
 
 
 
@@ -139,8 +145,8 @@ def save(engine, output_dir: str, step: int, meta: dict, rank_state: dict, keep_
     if rank == 0:  # every rank's files are written: list them, so that a later loss or truncation shows
         files = {p.name: p.stat().st_size for p in sorted((ckpt_dir / tag).iterdir()) if p.is_file()
                  and p.name != "meta.json"}
-        atomic_write_text(ckpt_dir / tag / "meta.json", json.dumps(dict(meta, step=step, tag=tag, files=files),
-                                                                   indent=1))
+        meta = dict(meta, step=step, tag=tag, parameter_layout=PARAMETER_LAYOUT, files=files)
+        atomic_write_text(ckpt_dir / tag / "meta.json", json.dumps(meta, indent=1))
         atomic_write_text(ckpt_dir / "latest", tag)
         tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step"))
         for old in tags[:-keep_last]:
@@ -154,7 +160,9 @@ def resume(engine, output_dir: str, ep_size: int, world_size: int) -> tuple[dict
     """Load the latest complete checkpoint into `engine`; returns (meta, this rank's state) or None.
 
     A different ep_size reloads the weights (DeepSpeed regroups the per-expert files) but not
-    the optimizer state, whose shards are laid out per expert-parallel rank.
+    the optimizer state, whose shards are laid out per expert-parallel rank; nor does a checkpoint
+    written before the 3-D expert parameters (no `parameter_layout` in its meta.json). The returned
+    meta then says why under "optimizer_restarted".
 
     Every file is read weights-only (`mmoe_ds.io.safe_load`): a file whose pickle would run code
     raises `UnsafeCheckpointError` naming it (a `ConfigError`: the trainer stops before training).
@@ -165,6 +173,13 @@ def resume(engine, output_dir: str, ep_size: int, world_size: int) -> tuple[dict
         return None
     meta = json.loads((ckpt_dir / tag / "meta.json").read_text())
     same_layout = meta["ep_size"] == ep_size and meta["world_size"] == world_size
+    if not same_layout:
+        meta["optimizer_restarted"] = (f"written at ep_size={meta['ep_size']}, world size {meta['world_size']}; "
+                                       f"now {ep_size}, {world_size}")
+    elif meta.get("parameter_layout") != PARAMETER_LAYOUT:
+        same_layout = False
+        meta["optimizer_restarted"] = ("written before the 3-D expert parameters: its optimizer state follows the "
+                                       "per-expert parameters")
     load_checkpoint_weights_only(engine, ckpt_dir, tag, same_layout)
     if not same_layout:  # the optimizer restarts; step counters and the LR schedule continue
         engine.global_steps = meta["step"]

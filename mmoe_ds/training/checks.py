@@ -50,18 +50,20 @@ def init_model_kwargs(recipe: Recipe, source) -> dict:
     return kwargs
 
 def check_patterns(recipe: Recipe, model_kwargs: dict) -> None:
-    """train.freeze / train.reinit patterns against the parameter names of the model, built on the
-    meta device (no memory, no weights). Raises ConfigError for a pattern that matches nothing."""
+    """train.freeze / train.reinit patterns against the model's names (per-expert names as on disk, and
+    the 3-D `...experts.w13` / `.w2`), on a model built on the meta device (no memory, no weights), as
+    the run judges them. Raises ConfigError for a pattern that matches nothing or that would freeze
+    part of a layer's experts."""
     from ..model import MmoeConfig, MmoeForCausalLM
-    from .init_from import match
+    from .init_from import validate_patterns
 
     t = recipe.train
     if not t.freeze and not t.reinit:
         return
     with torch.device("meta"):
-        names = [n for n, _ in MmoeForCausalLM(MmoeConfig(**model_kwargs, moe_backend="torch")).named_parameters()]
-    match(names, t.freeze, "train.freeze")
-    match(names, t.reinit, "train.reinit")
+        model = MmoeForCausalLM(MmoeConfig(**model_kwargs, moe_backend="torch"))
+    validate_patterns(model, t.freeze, t.reinit)
+
 
 def check_init_from(recipe: Recipe, must_exist: bool = True) -> str:
     """Check `train.init_from` (its config.json only, no weights) against the recipe.

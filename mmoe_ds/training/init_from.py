@@ -11,14 +11,21 @@ expert-parallel rank g // E_local as local expert g % E_local (the layout DeepSp
 checkpoint files and `mmoe_ds.export.gather` use). A checkpoint of the run itself, when there is
 one, is loaded afterwards and so takes precedence (resume).
 
-Patterns (`train.freeze`, `train.reinit`) are `fnmatch` globs over parameter names as an export
-names them (global expert ids), e.g. `*.deepspeed_moe.gate.*` for every router,
-`model.layers.1.ffn.deepspeed_moe.experts.deepspeed_experts.3.*` for one expert, `model.vision.encoder.*`.
-A pattern that matches no parameter is an error (a typo must not silently train everything).
-- freeze: `requires_grad=False`; the trainer leaves these out of the optimizer.
-- reinit: the parameter keeps the fresh initialisation the model got at construction (the model's
-  `_init_weights` with the run's seed; experts seeded by global id) instead of the folder's value.
-  A parameter the folder lacks (e.g. after a `router.mode` override adds one) must be listed in
+Patterns (`train.freeze`, `train.reinit`) are `fnmatch` globs over tensor names as an export names
+them (global expert ids): `*.deepspeed_moe.gate.*` for every router, `model.vision.encoder.*`,
+`model.layers.1.ffn.deepspeed_moe.experts.*` for every expert of layer 1,
+`model.layers.1.ffn.deepspeed_moe.experts.deepspeed_experts.3.*` for its expert 3. The model holds a
+layer's experts as two 3-D parameters (`...experts.w13` = every expert's w1 and w3, `...experts.w2`,
+mmoe_ds/moe/experts.py); those names are accepted too, and stand for all the per-expert weights in them.
+A pattern that matches no tensor is an error (a typo must not silently train everything).
+- freeze: `requires_grad=False`; the trainer leaves these out of the optimizer. requires_grad belongs
+  to a whole parameter, so a pattern that covers some but not all experts of a layer (on any
+  expert-parallel rank), or an expert's w1 without its w3, cannot be honoured and is an error naming
+  the layer; freeze all of that layer's experts or none.
+- reinit: the tensor keeps the fresh initialisation the model got at construction (the model's
+  `_init_weights` with the run's seed; experts seeded by global id) instead of the folder's value;
+  per expert (each expert's slice of w13 / w2 is loaded or kept on its own).
+  A tensor the folder lacks (e.g. after a `router.mode` override adds one) must be listed in
   reinit, and so must one whose shape the override changed.
 """
 from __future__ import annotations
@@ -38,6 +45,9 @@ from ..errors import ConfigError
 _NOT_CONFIG_KEYS = ("auto_map", "architectures", "model_type", "transformers_version", "dtype", "torch_dtype",
                     "moe_backend", "ep_size", "_name_or_path")
 _EXPERT = re.compile(r"(\.deepspeed_experts\.)(\d+)(\.)")
+_PER_EXPERT = re.compile(r"^(.*\.)deepspeed_experts\.\d+\.(w1|w3|w2)\.weight$")  # group 1: the experts' prefix
+_STACKED = re.compile(r"^(.*\.experts\.)(w13|w2)$")  # a 3-D expert parameter; group 1: the experts' prefix
+_HELD_IN = {"w1": "w13", "w3": "w13", "w2": "w2"}  # per-expert projection -> the 3-D parameter holding it
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PROCESSOR_CONFIG = "processor_config.json"
 
@@ -114,36 +124,123 @@ def model_config_kwargs(source: InitSource, overrides: dict) -> dict:
 
 # -- parameter names ------------------------------------------------------------------------------
 def global_name(name: str, ep_rank: int, local_experts: int) -> str:
-    """An expert-parallel rank's parameter name with its local expert id turned into the global one."""
+    """An expert-parallel rank's per-expert name with its local expert id turned into the global one."""
     return _EXPERT.sub(lambda m: f"{m.group(1)}{ep_rank * local_experts + int(m.group(2))}{m.group(3)}", name, count=1)
 
 
 def global_names(model: nn.Module, ep_rank: int, local_experts: int) -> dict[str, nn.Parameter]:
-    """{global name: parameter} of this rank's model."""
+    """{name: parameter} of this rank's model: the tensors requires_grad and optimizer groups act on.
+    A layer's experts are two of them, `...experts.w13` / `...experts.w2`, holding this rank's local
+    experts under the same name on every rank (`named_tensors` names each expert's slice)."""
     return {global_name(n, ep_rank, local_experts): p for n, p in model.named_parameters()}
 
 
+def named_tensors(model: nn.Module, ep_rank: int, local_experts: int) -> dict[str, torch.Tensor]:
+    """{name as an export names it: tensor} of this rank's model: dense parameters, and per expert
+    `...experts.deepspeed_experts.{global id}.{w1,w3,w2}.weight`, writable views into w13 / w2
+    (global id = ep_rank * local_experts + local id), in state-dict order. Copying into a view
+    writes that expert's slice of the 3-D parameter, which is how `load_init_weights` loads experts."""
+    from ..moe.experts import LocalExperts
+
+    experts = {f"{n}.": m for n, m in model.named_modules() if isinstance(m, LocalExperts)}
+    out: dict[str, torch.Tensor] = {}
+    for name, param in model.named_parameters():
+        stacked = _STACKED.match(name)
+        module = experts.get(stacked.group(1)) if stacked else None
+        if module is None:
+            out[global_name(name, ep_rank, local_experts)] = param
+        elif stacked.group(2) == "w13":  # all of this module's experts, w1 / w3 / w2 each (w2 is skipped below)
+            for e in range(module.num_local_experts):
+                for proj, view in module.expert(e).items():
+                    out[f"{stacked.group(1)}deepspeed_experts.{ep_rank * local_experts + e}.{proj}.weight"] = view
+    return out
+
+
 def all_ranks_names(model: nn.Module, ep_size: int, local_experts: int) -> list[str]:
-    """The global parameter names of the whole model: this rank's dense ones plus every rank's experts."""
-    names: dict[str, None] = {}
+    """Every name a pattern may use for the whole model: the parameters' own names (dense, and the
+    3-D `...experts.w13` / `.w2`), and each expert-parallel rank's per-expert names (global ids)."""
+    names: dict[str, None] = dict.fromkeys(global_names(model, 0, local_experts))
     for rank in range(ep_size):
-        names.update((global_name(n, rank, local_experts), None) for n, _ in model.named_parameters())
+        names.update(dict.fromkeys(named_tensors(model, rank, local_experts)))
     return list(names)
+
+
+def _held_by(universe: list[str]) -> dict[str, list[str]]:
+    """{3-D parameter name: the per-expert names of `universe` it holds (every rank's experts)}."""
+    held: dict[str, list[str]] = {}
+    for name in universe:
+        m = _PER_EXPERT.match(name)
+        if m:
+            held.setdefault(m.group(1) + _HELD_IN[m.group(2)], []).append(name)
+    return held
+
+
+def _container(name: str) -> str | None:
+    """The 3-D parameter a per-expert name lives in (None for any other name)."""
+    m = _PER_EXPERT.match(name)
+    return m.group(1) + _HELD_IN[m.group(2)] if m else None
+
+
+def _matches(name: str, pattern: str, held: dict[str, list[str]], field_name: str) -> bool:
+    """Whether `pattern` selects `name`. A per-expert name is also selected through its 3-D parameter's
+    name; a 3-D parameter by its own name or when the pattern covers every per-expert weight it holds.
+    Raises ConfigError when the pattern covers some of them but not all."""
+    if fnmatch.fnmatchcase(name, pattern):
+        return True
+    container = _container(name)
+    if container is not None:
+        return fnmatch.fnmatchcase(container, pattern)
+    covered = held.get(name, [])
+    hits = [n for n in covered if fnmatch.fnmatchcase(n, pattern)]
+    if hits and len(hits) < len(covered):
+        prefix = _STACKED.match(name).group(1)
+        layer = prefix[:-len("experts.")]
+        shown = ", ".join(repr(n) for n in hits[:3]) + (", ..." if len(hits) > 3 else "")
+        raise ConfigError(
+            f"{field_name}: pattern {pattern!r} covers part of the experts of {layer.rstrip('.')}: {len(hits)} of the "
+            f"{len(covered)} per-expert weights held in {name} ({shown}). A layer's experts are stored together "
+            f"(w13 = every expert's w1 and w3, w2 = every expert's w2) and {field_name} acts on whole tensors "
+            f"(requires_grad and optimizer groups are per tensor): match every expert of that layer, e.g. "
+            f"'{prefix}*', or none of them.")
+    return bool(hits)
 
 
 def match(names, patterns: list[str], field_name: str, all_names=None) -> list[str]:
     """The names matching any pattern, in order.
 
+    `names` may hold per-expert names (`named_tensors`: each selected on its own, also through a
+    pattern naming its 3-D parameter) or parameter names (`global_names`: a 3-D expert parameter is
+    selected when a pattern names it or covers every per-expert weight of `all_names` it holds).
     Raises ConfigError for a pattern that matches none of `all_names` (default `names`): the whole
-    model's names, so that a pattern naming another rank's expert is not an error here."""
+    model's names (`all_ranks_names`), so that a pattern naming another rank's expert is not an error
+    here; and for a pattern covering part of a 3-D parameter in `names` (see `_matches`)."""
     names = list(names)
     universe = names if all_names is None else list(all_names)
+    held = _held_by(universe)
+    known = list(dict.fromkeys([*universe, *held]))
     for pattern in patterns:
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in universe):
-            example = next((n for n in universe if ".deepspeed_moe." in n), universe[0] if universe else "")
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in known):
+            example = next((n for n in known if ".deepspeed_moe." in n), known[0] if known else "")
             raise ConfigError(f"{field_name}: pattern {pattern!r} matches no parameter; patterns are fnmatch globs "
                               f"over full names such as {example!r} (routers: '*.deepspeed_moe.gate.*').")
-    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    return [n for n in names if any(_matches(n, p, held, field_name) for p in patterns)]
+
+
+def validate_patterns(model: nn.Module, freeze_patterns: list[str], reinit: list[str]) -> None:
+    """train.freeze / train.reinit against a model of the run's shape (e.g. built on the meta device,
+    any expert-parallel layout: global ids are the same). Raises ConfigError for a pattern that
+    matches nothing and for a freeze pattern covering part of a layer's experts, as the run would."""
+    local_experts = _local_experts(model)
+    everything = all_ranks_names(model, 1, local_experts)
+    match(global_names(model, 0, local_experts), freeze_patterns, "train.freeze", everything)
+    match(named_tensors(model, 0, local_experts), reinit, "train.reinit", everything)
+
+
+def _local_experts(model: nn.Module) -> int:
+    """E_local of the model's expert modules (0 without any)."""
+    from ..moe.experts import LocalExperts
+
+    return next((m.num_local_experts for m in model.modules() if isinstance(m, LocalExperts)), 0)
 
 
 # -- weights --------------------------------------------------------------------------------------
@@ -186,16 +283,16 @@ def load_init_weights(model: nn.Module, source: InitSource, ep_rank: int, ep_siz
         source: the folder.
         ep_rank: this rank's position in its expert-parallel group.
         ep_size: the expert-parallel size.
-        reinit: fnmatch patterns over global parameter names.
+        reinit: fnmatch patterns over global names (per expert; a 3-D parameter's name stands for all
+            the per-expert weights it holds).
     Returns:
-        the names loaded and re-initialised.
+        the names loaded and re-initialised (per-expert names, as in the folder).
     Raises:
         ConfigError naming the parameters when the folder and the model disagree.
     """
     local_experts = source.num_experts // ep_size
-    params = global_names(model, ep_rank, local_experts)
-    buffers = {global_name(n, ep_rank, local_experts): b for n, b in model.named_buffers()
-               if n in model.state_dict()}  # persistent buffers only
+    params = named_tensors(model, ep_rank, local_experts)  # experts: per-expert views into w13 / w2
+    buffers = {global_name(n, ep_rank, local_experts): b for n, b in persistent_buffers(model)}
     everything = all_ranks_names(model, ep_size, local_experts)
     fresh = set(match(params, reinit, "train.reinit", everything)) if reinit else set()
     files = weight_files(source.path)
@@ -224,9 +321,22 @@ def load_init_weights(model: nn.Module, source: InitSource, ep_rank: int, ep_siz
     return InitReport(loaded=wanted, reinitialised=sorted(fresh))
 
 
+def persistent_buffers(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """(name, buffer) of the buffers a state dict holds, without building one (a DeepSpeed layer's
+    state dict copies every expert into per-expert tensors)."""
+    out = []
+    for prefix, module in model.named_modules():
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is not None and name not in module._non_persistent_buffers_set:
+                out.append((f"{prefix}.{name}" if prefix else name, buf))
+    return out
+
+
 def freeze(model: nn.Module, patterns: list[str], ep_rank: int, ep_size: int, local_experts: int) -> list[str]:
-    """Set requires_grad=False on this rank's parameters matching `patterns` (global names).
-    Returns: their names."""
+    """Set requires_grad=False on this rank's parameters matching `patterns` (global names; a layer's
+    experts are frozen together, see the module docstring). Returns: the parameters' names (a layer's
+    experts as `...experts.w13` / `.w2`). Raises ConfigError for a pattern covering part of a layer's
+    experts, on every rank alike (the whole model's names decide)."""
     params = global_names(model, ep_rank, local_experts)
     everything = all_ranks_names(model, ep_size, local_experts)
     names = match(params, patterns, "train.freeze", everything) if patterns else []

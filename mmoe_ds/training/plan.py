@@ -30,7 +30,9 @@ import torch
 
 from ..errors import ConfigError
 
-EXPERT_MARK = ".deepspeed_experts."
+# Expert parameters are the ones under a MoE layer's experts module (`...deepspeed_moe.experts.w13` /
+# `.w2`, 3-D: every local expert of the layer), the ones DeepSpeed keeps in its expert groups.
+EXPERT_MARK = ".deepspeed_moe.experts."
 GIB = 1024 ** 3
 
 
@@ -77,15 +79,17 @@ class ParamCounts:
 
 
 def count_parameters(model_kwargs: dict, freeze: list[str] | None = None) -> ParamCounts:
-    """Exact counts from the model built on the meta device; `freeze`: train.freeze patterns."""
+    """Exact counts from the model built on the meta device; `freeze`: train.freeze patterns (the ones
+    the run would freeze: a layer's experts all or none, else ConfigError as in `init_from.freeze`)."""
     from ..model import MmoeConfig, MmoeForCausalLM
-    from .init_from import match
+    from .init_from import all_ranks_names, match
 
     with torch.device("meta"):
         model = MmoeForCausalLM(MmoeConfig(**dict(model_kwargs, moe_backend="torch", ep_size=1)))
     named = dict(model.named_parameters())
     frozen = {n for n, p in named.items() if not p.requires_grad}
-    frozen |= set(match(named, freeze or [], "train.freeze"))
+    experts = model.config.num_local_experts
+    frozen |= set(match(named, freeze or [], "train.freeze", all_ranks_names(model, 1, experts)))
     counts = {"dense_trained": 0, "dense_frozen": 0, "expert_trained": 0, "expert_frozen": 0}
     vision = 0
     for name, p in named.items():

@@ -226,7 +226,9 @@ def build_trainer(recipe: Recipe, ds_config: dict, world_size: int,
     resumed = checkpointer.resume()  # the loader's position and the RNG states too
     if resumed is not None:
         start_step = resumed["step"]
-        log(f"resumed from step {start_step} (written at ep_size={resumed['ep_size']})")
+        restarted = resumed.get("optimizer_restarted")
+        log(f"resumed from step {start_step} (written at ep_size={resumed['ep_size']})"
+            + (f"; weights only, the optimizer state starts afresh ({restarted})" if restarted else ""))
     metrics.restart(start_step)  # a restart without a checkpoint starts metrics.jsonl anew
     evaluator = evaluator_factory(engine, processor, r.data, data_check.plan, seed=t.seed, rank=rank,
                                   world_size=world_size, dist=dist, device=engine.device, run_name=Path(r.path).name,
