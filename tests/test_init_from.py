@@ -345,9 +345,11 @@ def test_check_takes_per_expert_patterns_and_refuses_part_of_a_layers_experts(so
     assert "'model.layers.1.ffn.deepspeed_moe.experts.*', or none of them" in err
 
 
-def test_the_gpu_recipe_passes_check_on_8_processes_without_any_weights(tmp_path, capsys):
+def test_the_gpu_recipe_passes_check_on_8_processes_without_any_weights(tmp_path, capsys, monkeypatch):
     """recipes/upcycle_gpu.json: before the models are fetched, and with only the config.json that
-    `mmoe-ds upcycle` writes for Qwen2-1.5B + SigLIP base (built from their public shapes, no weights)."""
+    `mmoe-ds upcycle` writes for Qwen2-1.5B + SigLIP base (built from their public shapes, no weights).
+    Run from an empty folder: the recipe's relative data.dir (data/embedded) is not prepared there, as on
+    a fresh GPU node, whether or not this checkout's own data/embedded exists (`make demo` builds it)."""
     from types import SimpleNamespace
 
     from transformers import Qwen2Config, SiglipVisionConfig
@@ -358,6 +360,7 @@ def test_the_gpu_recipe_passes_check_on_8_processes_without_any_weights(tmp_path
 
     config = str(REPO / "ds_configs/finetune_zero1_bf16.json")
     recipe_file = str(REPO / "recipes/upcycle_gpu.json")
+    monkeypatch.chdir(tmp_path)
     assert main(["--check", "--recipe", recipe_file, "--deepspeed_config", config, "--world_size", "8"]) == 0
     assert "init_from: runs/upcycled/qwen2-1.5b-siglip is not there yet" in capsys.readouterr().out
 
@@ -379,3 +382,16 @@ def test_the_gpu_recipe_passes_check_on_8_processes_without_any_weights(tmp_path
     assert f"init_from: {tmp_path / 'moe'} (8 experts, hidden 1536, the data's processor)" in capsys.readouterr().out
     assert main(["--check", "--recipe", str(tmp_path / "gpu.json"), "--deepspeed_config", config,
                  "--world_size", "6"]) == 2  # 6 processes cannot hold expert-parallel groups of 8
+
+
+def test_check_with_prepared_data_and_init_from_still_to_fetch_defers_the_model_to_that_folder(
+        tmp_path, capsys, small_dataset):
+    """Data prepared (e.g. after `make demo`) but train.init_from not fetched yet: the model's shape is
+    the folder's, unknown before it arrives, so `--check` does not build one from the recipe's overrides
+    (which once refused the 8-expert GPU recipe as '4 experts not divisible by ep_size 8')."""
+    from mmoe_ds.training.main import main
+
+    recipe = write_recipe(tmp_path / "r.json", small_dataset, tmp_path / "run", tmp_path / "not_fetched_yet", ep=8)
+    config = str(REPO / "ds_configs/finetune_zero1_bf16.json")
+    assert main(["--check", "--recipe", str(recipe), "--deepspeed_config", config, "--world_size", "8"]) == 0
+    assert f"init_from: {tmp_path / 'not_fetched_yet'} is not there yet" in capsys.readouterr().out

@@ -114,7 +114,8 @@ def upcycled_gpu_recipe(tmp_path, width: int = 1, depth: int = 1):
 CHECK = ["--check", "--deepspeed_config", str(REPO / "ds_configs/finetune_zero1_bf16.json"), "--world_size", "8"]
 
 
-def test_check_prints_the_per_gpu_table_of_the_upcycled_gpu_recipe(tmp_path, capsys):
+def test_check_prints_the_per_gpu_table_of_the_upcycled_gpu_recipe(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # data/embedded not prepared here, as on a fresh GPU node, even after `make demo`
     assert train_main([*CHECK, "--recipe", str(REPO / "recipes/upcycle_gpu.json")]) == 0
     assert "no memory plan yet: it needs runs/upcycled/qwen2-1.5b-siglip/config.json" in capsys.readouterr().out
     recipe = upcycled_gpu_recipe(tmp_path)

@@ -34,6 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from mmoe_ds.config.launch_env import free_port
+from mmoe_ds.data.manifest import has_manifest, manifest_path
 from mmoe_ds.errors import ExperimentError
 from mmoe_ds.io.atomic import atomic_write_text
 
@@ -242,7 +243,7 @@ class Runner:
             raise ExperimentError(f"recipes/experiments/{self.scale.name}.json: no 'prepare' entry for dataset "
                                   f"{name!r}.")
         path = self.out / "_data" / f"{self.scale.name}-{name}"
-        if not (path / "manifest.json").exists():
+        if not has_manifest(path):
             from mmoe_ds.data.prepare import main as prepare
 
             self.log(f"preparing dataset {name} -> {path}")
@@ -281,7 +282,7 @@ class Runner:
         """16 hex digits over what changes a run's result (dataset by content, not by path)."""
         data_dir = Path(recipe["data"]["dir"])
         identity = copy.deepcopy(recipe)
-        identity["data"]["dir"] = hashlib.sha256((data_dir / "manifest.json").read_bytes()).hexdigest()
+        identity["data"]["dir"] = hashlib.sha256(manifest_path(data_dir).read_bytes()).hexdigest()
         identity["train"].pop("output_dir", None)
         init = identity["train"].get("init_from")
         if init:

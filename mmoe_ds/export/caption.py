@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..data.manifest import has_manifest
+
 BATCH = 16  # images captioned per generate call
 
 
@@ -103,7 +105,7 @@ def main(argv: list[str]) -> int:
         if errors:
             print(f"mmoe-ds caption: {errors[0]}; pass image files or folders that hold them.", file=sys.stderr)
             return 2
-    elif not (Path(args.data) / "manifest.json").exists():
+    elif not has_manifest(args.data):
         print(f"mmoe-ds caption: {args.data} is not a prepared dataset (no manifest.json); pass image files, or "
               f"--data DIR (written by `mmoe-ds prepare --out DIR`).", file=sys.stderr)
         return 2

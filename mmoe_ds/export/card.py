@@ -16,6 +16,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ..data.manifest import manifest_path
 from ..model import MmoeConfig
 
 PIPELINE_TAG = "image-text-to-text"  # tested end to end: pipeline(PIPELINE_TAG, model=export, trust_remote_code=True)
@@ -98,7 +99,7 @@ def last_train_record(metrics_file: Path, max_step: int | None = None) -> dict |
 
 def _manifest(meta: dict) -> tuple[Path, dict] | None:
     """(data folder, manifest) beside the checkpoint's processor folder, or None."""
-    manifest = Path(meta["processor_dir"]).parent / "manifest.json" if meta.get("processor_dir") else None
+    manifest = manifest_path(Path(meta["processor_dir"]).parent) if meta.get("processor_dir") else None
     if manifest is None or not manifest.is_file():
         return None
     try:

@@ -10,6 +10,7 @@ import torch
 
 from ..config.launch_env import deepspeed_config_path
 from ..config.recipe import Recipe, load_ds_config, validate_launch
+from ..data.manifest import has_manifest
 from ..errors import ConfigError
 from .data_plan import DataCheck, check_data
 
@@ -90,15 +91,18 @@ def check_data_fits_model(recipe: Recipe, must_exist: bool = True) -> None:
     launch refuses): the processor loaded with data.max_length (its image tokens must fit), the model
     config built from it (vocabulary, channels, patch size), and an init_from model's fit
     (`check_processor_fits`). Nothing to check while data.dir is still to be built (the embedded
-    default, checked again at launch). Raises ConfigError naming the field and the fix."""
+    default, checked again at launch), nor while train.init_from is still to be fetched (`--check` before
+    the weights: the model is that folder's). Raises ConfigError naming the field and the fix."""
     from ..model import MmoeConfig
     from .data_plan import load_processor, processor_model_kwargs
     from .init_from import read_init_source
 
-    if not (Path(recipe.data.dir) / "manifest.json").is_file():
+    if not has_manifest(recipe.data.dir):
         return
     t = recipe.train
     there = t.init_from and (must_exist or (Path(t.init_from) / "config.json").is_file())
+    if t.init_from and not there:  # the model (and maybe the processor) will come from that folder: checked at launch
+        return
     source = read_init_source(t.init_from, need_weights=must_exist) if there else None
     processor = load_processor(recipe.data, source.path if source is not None and source.has_processor else None)
     kwargs = init_model_kwargs(recipe, source) if source is not None else processor_model_kwargs(recipe.model,
