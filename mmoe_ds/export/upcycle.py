@@ -602,8 +602,8 @@ def weight_specs(model: MmoeForCausalLM, dtype: torch.dtype) -> dict[str, tuple[
     try:
         from transformers.core_model_loading import revert_weight_conversion
     except ImportError:  # transformers 4.x: save_pretrained writes the state dict as given
-        pass
-    else:
+        revert_weight_conversion = None
+    if revert_weight_conversion is not None:
         state = revert_weight_conversion(model, state)
     return {name: (tuple(t.shape), dtype if t.is_floating_point() else t.dtype) for name, t in state.items()}
 

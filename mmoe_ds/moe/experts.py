@@ -37,7 +37,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 PROJECTIONS = ("w1", "w3", "w2")  # per-expert names on disk, in the order an expert's weights are listed
-PER_EXPERT = re.compile(r"deepspeed_experts\.(\d+)\.(w1|w3|w2)\.weight$")
+# A per-expert name: (the experts module's prefix, expert id, projection).
+PER_EXPERT = re.compile(r"^(.*)deepspeed_experts\.(\d+)\.(w1|w3|w2)\.weight$")
+HELD_IN = {"w1": "w13", "w3": "w13", "w2": "w2"}  # per-expert projection -> the 3-D parameter holding it
 
 
 class ExpertFFN(nn.Module):

@@ -40,14 +40,13 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..moe.experts import HELD_IN, PER_EXPERT, LocalExperts
 
 # config.json keys that are not MmoeConfig arguments, or that the trainer sets itself.
 _NOT_CONFIG_KEYS = ("auto_map", "architectures", "model_type", "transformers_version", "dtype", "torch_dtype",
                     "moe_backend", "ep_size", "_name_or_path")
 _EXPERT = re.compile(r"(\.deepspeed_experts\.)(\d+)(\.)")
-_PER_EXPERT = re.compile(r"^(.*\.)deepspeed_experts\.\d+\.(w1|w3|w2)\.weight$")  # group 1: the experts' prefix
 _STACKED = re.compile(r"^(.*\.experts\.)(w13|w2)$")  # a 3-D expert parameter; group 1: the experts' prefix
-_HELD_IN = {"w1": "w13", "w3": "w13", "w2": "w2"}  # per-expert projection -> the 3-D parameter holding it
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PROCESSOR_CONFIG = "processor_config.json"
 
@@ -140,8 +139,6 @@ def named_tensors(model: nn.Module, ep_rank: int, local_experts: int) -> dict[st
     `...experts.deepspeed_experts.{global id}.{w1,w3,w2}.weight`, writable views into w13 / w2
     (global id = ep_rank * local_experts + local id), in state-dict order. Copying into a view
     writes that expert's slice of the 3-D parameter, which is how `load_init_weights` loads experts."""
-    from ..moe.experts import LocalExperts
-
     experts = {f"{n}.": m for n, m in model.named_modules() if isinstance(m, LocalExperts)}
     out: dict[str, torch.Tensor] = {}
     for name, param in model.named_parameters():
@@ -169,16 +166,16 @@ def _held_by(universe: list[str]) -> dict[str, list[str]]:
     """{3-D parameter name: the per-expert names of `universe` it holds (every rank's experts)}."""
     held: dict[str, list[str]] = {}
     for name in universe:
-        m = _PER_EXPERT.match(name)
+        m = PER_EXPERT.match(name)
         if m:
-            held.setdefault(m.group(1) + _HELD_IN[m.group(2)], []).append(name)
+            held.setdefault(m.group(1) + HELD_IN[m.group(3)], []).append(name)
     return held
 
 
 def _container(name: str) -> str | None:
     """The 3-D parameter a per-expert name lives in (None for any other name)."""
-    m = _PER_EXPERT.match(name)
-    return m.group(1) + _HELD_IN[m.group(2)] if m else None
+    m = PER_EXPERT.match(name)
+    return m.group(1) + HELD_IN[m.group(3)] if m else None
 
 
 def _matches(name: str, pattern: str, held: dict[str, list[str]], field_name: str) -> bool:
@@ -238,8 +235,6 @@ def validate_patterns(model: nn.Module, freeze_patterns: list[str], reinit: list
 
 def _local_experts(model: nn.Module) -> int:
     """E_local of the model's expert modules (0 without any)."""
-    from ..moe.experts import LocalExperts
-
     return next((m.num_local_experts for m in model.modules() if isinstance(m, LocalExperts)), 0)
 
 
