@@ -467,3 +467,15 @@ def test_deepspeed_sees_the_3d_weights_as_expert_parameters_and_names_them_per_e
     assert len(moe_groups) == 1 and {id(p) for p in moe_groups[0]["params"]} == {id(experts.w13), id(experts.w2)}
     keys = [k for k in moe.state_dict() if ".experts." in k]
     assert keys == experts_mod.per_expert_names("deepspeed_moe.experts.", E // 2)
+
+
+@pytest.mark.parametrize("grouped", [True, False])
+@pytest.mark.parametrize("upstream", ["ramp", "sum"])
+def test_no_rows_at_all_gives_an_empty_output_and_zero_gradients(grouped, upstream):
+    """A rank whose experts receive no rows (skewed routing, an empty micro batch): the experts run on
+    [0, d] and every weight gets an exact-zero gradient, also when y.sum() sends an expanded empty
+    gradient (zero strides), which torch's grouped GEMM backward refused before."""
+    experts = LocalExperts(E, D, FF)
+    y, gx, (g13, g2) = run(experts, torch.zeros(0, D), torch.zeros(E, dtype=torch.long), grouped, upstream)
+    assert y.shape == (0, D) and gx.shape == (0, D)
+    assert g13.shape == experts.w13.shape and not g13.any() and not g2.any()

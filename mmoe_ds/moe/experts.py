@@ -102,6 +102,8 @@ class _MaterialisedGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:
+        if grad.numel() == 0:  # an empty expanded gradient counts as contiguous but keeps its 0 strides
+            return grad.new_zeros(grad.shape)
         return grad.contiguous()
 
 
